@@ -8,7 +8,7 @@ use crate::{Error, PAGE_SIZE};
 use parking_lot::Mutex;
 use preempt::NonSleepGuard;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 
 /// An allocated object. Stable for the object's life, whatever compaction does; small enough
 /// (4 bytes, `Option<Handle>` too) to keep in a slot table.
@@ -105,6 +105,83 @@ impl IdAlloc {
     }
 }
 
+/// Handle ids, in shards so that threads allocating and freeing at once do not meet on one
+/// lock, nor on the cache lines of their handle table entries: shard `s` owns the id range
+/// `s * per_shard ..`, a thread allocates from its own shard (threads are spread over the
+/// shards round-robin), and a freed id goes back to the shard that owns it.
+#[derive(Debug)]
+struct HandleIds {
+    shards: Box<[CachePadded<Mutex<IdAlloc>>]>,
+    per_shard: u32,
+}
+
+const HANDLE_SHARDS: u32 = 16;
+
+/// Keeps hot per-shard or per-class state on cache lines of its own.
+#[derive(Debug)]
+#[repr(align(128))]
+struct CachePadded<T>(T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl HandleIds {
+    fn new(max: u32) -> Self {
+        let per_shard = max / HANDLE_SHARDS;
+        HandleIds {
+            shards: (0..HANDLE_SHARDS)
+                .map(|s| {
+                    CachePadded(Mutex::new(IdAlloc {
+                        free: Vec::new(),
+                        // Id 0 is never a handle: shard 0 starts at its second id.
+                        next: (s == 0) as u32,
+                        cap: per_shard,
+                    }))
+                })
+                .collect(),
+            per_shard,
+        }
+    }
+
+    fn my_shard() -> u32 {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        thread_local!(static SHARD: u32 = NEXT.fetch_add(1, Relaxed) % HANDLE_SHARDS);
+        SHARD.with(|s| *s)
+    }
+
+    fn alloc(&self) -> Result<u32, Error> {
+        let first = Self::my_shard();
+        let _ns = NonSleepGuard::new();
+        // Another shard only when this one is exhausted.
+        for s in (0..HANDLE_SHARDS).map(|i| (first + i) % HANDLE_SHARDS) {
+            if let Some(k) = self.shards[s as usize].lock().alloc() {
+                return Ok(s * self.per_shard + k);
+            }
+        }
+        Err(Error::TooManyObjects(
+            (self.per_shard * HANDLE_SHARDS) as usize,
+        ))
+    }
+
+    fn free(&self, id: u32) {
+        let _ns = NonSleepGuard::new();
+        self.shards[(id / self.per_shard) as usize]
+            .lock()
+            .free
+            .push(id % self.per_shard);
+    }
+
+    /// Ids handed out at least once: the touched part of the handle table.
+    fn high_water(&self) -> usize {
+        let _ns = NonSleepGuard::new();
+        self.shards.iter().map(|s| s.lock().next as usize).sum()
+    }
+}
+
 /// A class's allocation lists, under its lock.
 #[derive(Debug)]
 struct Lists {
@@ -113,6 +190,7 @@ struct Lists {
 }
 
 #[derive(Debug)]
+#[repr(align(128))]
 struct Class {
     spec: SizeClass,
     lists: Mutex<Lists>,
@@ -173,8 +251,7 @@ pub struct Pool {
     zspages: Region<ZsPage>,
     zspage_ids: Mutex<IdAlloc>,
     handles: Region<AtomicU64>,
-    handle_ids: Mutex<IdAlloc>,
-    objects: AtomicUsize,
+    handle_ids: HandleIds,
     pages_compacted: AtomicU64,
 }
 
@@ -238,13 +315,8 @@ impl Pool {
                 cap: cfg.capacity_pages as u32,
             }),
             handles: Region::reserve(max_handles).map_err(Error::Reserve)?,
-            handle_ids: Mutex::new(IdAlloc {
-                free: Vec::new(),
-                next: 1,
-                cap: max_handles as u32,
-            }),
+            handle_ids: HandleIds::new(max_handles as u32),
             arena,
-            objects: AtomicUsize::new(0),
             pages_compacted: AtomicU64::new(0),
         })
     }
@@ -314,19 +386,12 @@ impl Pool {
     }
 
     fn alloc_handle(&self) -> Result<Handle, Error> {
-        let id = {
-            let _ns = NonSleepGuard::new();
-            let mut ids = self.handle_ids.lock();
-            ids.alloc().ok_or(Error::TooManyObjects(ids.cap as usize))?
-        };
-        self.objects.fetch_add(1, Relaxed);
+        let id = self.handle_ids.alloc()?;
         Ok(Handle(NonZeroU32::new(id).expect("handle ids start at 1")))
     }
 
     fn free_handle(&self, h: Handle) {
-        self.objects.fetch_sub(1, Relaxed);
-        let _ns = NonSleepGuard::new();
-        self.handle_ids.lock().free.push(h.raw());
+        self.handle_ids.free(h.raw());
     }
 
     fn new_zspage(&self, class: &Class) -> Result<u32, Error> {
@@ -831,7 +896,7 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        let handles = self.handle_ids.lock().next as usize;
+        let handles = self.handle_ids.high_water();
         let zspages = self.zspage_ids.lock().next as usize;
         let meta = handles * 8 + zspages * std::mem::size_of::<ZsPage>();
         PoolStats {
@@ -839,7 +904,7 @@ impl Pool {
             pages_compacted: self.pages_compacted.load(Relaxed),
             page_limit: self.arena.limit(),
             capacity_pages: self.arena.capacity(),
-            objects: self.objects.load(Relaxed),
+            objects: self.classes.iter().map(|c| c.objs_used.load(Relaxed)).sum(),
             metadata_bytes: meta.div_ceil(PAGE_SIZE) * PAGE_SIZE,
         }
     }
