@@ -1,0 +1,683 @@
+//! A zram device: the slot table and every operation on it.
+
+use crate::backing::Backing;
+use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, Slot, SlotGuard, State};
+use crate::stats::{BdStat, Counters, IoStat, MmStat, Stats};
+use crate::{Error, SECTOR_SIZE, Store};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use zcomp::{Comp, Priority, Stream};
+use zsmalloc::region::{Region, Zeroable};
+use zsmalloc::{Handle, PAGE_SIZE};
+
+// SAFETY: a Slot is two AtomicU64; all-zero is the empty, unlocked slot.
+unsafe impl Zeroable for Slot {}
+
+/// Which pages a maintenance operation takes (zram's `type=` argument).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageFilter {
+    Idle,
+    Huge,
+    HugeIdle,
+    Incompressible,
+}
+
+impl std::str::FromStr for PageFilter {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "idle" => PageFilter::Idle,
+            "huge" => PageFilter::Huge,
+            "huge_idle" => PageFilter::HugeIdle,
+            "incompressible" => PageFilter::Incompressible,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "page type {s:?}: expected idle, huge, huge_idle or incompressible"
+                )));
+            }
+        })
+    }
+}
+
+impl PageFilter {
+    fn matches(self, e: &Entry) -> bool {
+        let huge = e.state() == State::Huge;
+        match self {
+            PageFilter::Idle => e.has(IDLE),
+            PageFilter::Huge => huge,
+            PageFilter::HugeIdle => huge && e.has(IDLE),
+            PageFilter::Incompressible => e.has(INCOMPRESSIBLE),
+        }
+    }
+}
+
+/// Device configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Size in bytes (a multiple of 4096), like zram's `disksize`.
+    pub size: u64,
+    /// File that `writeback` moves pages to.
+    pub backing_file: Option<PathBuf>,
+}
+
+/// What a recompression pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RecompressResult {
+    /// Pages that matched and were tried.
+    pub tried: u64,
+    /// Pages kept in their new, smaller form.
+    pub recompressed: u64,
+}
+
+/// A fixed-size block device of 4 KiB pages whose data lives compressed in a [`Store`].
+#[derive(Debug)]
+pub struct Device {
+    store: Arc<Store>,
+    comp: Arc<Comp>,
+    slots: Region<Slot>,
+    pages: u64,
+    backing: Option<Backing>,
+    counters: Counters,
+    born: Instant,
+}
+
+/// A page of one repeated 8-byte word: its value.
+fn same_filled(page: &[u8; PAGE_SIZE]) -> Option<u64> {
+    let mut words = page
+        .chunks_exact(8)
+        .map(|w| u64::from_ne_bytes(w.try_into().expect("8-byte chunk")));
+    let first = words.next()?;
+    words.all(|w| w == first).then_some(first)
+}
+
+fn fill_word(dst: &mut [u8; PAGE_SIZE], word: u64) {
+    for w in dst.chunks_exact_mut(8) {
+        w.copy_from_slice(&word.to_ne_bytes());
+    }
+}
+
+impl Device {
+    pub fn new(store: Arc<Store>, comp: Arc<Comp>, cfg: Config) -> Result<Device, Error> {
+        if cfg.size == 0 || cfg.size % PAGE_SIZE as u64 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "device size {} is not a positive multiple of 4096",
+                cfg.size
+            )));
+        }
+        let pages = cfg.size / PAGE_SIZE as u64;
+        let backing = cfg
+            .backing_file
+            .as_deref()
+            .map(|p| Backing::open(p, pages))
+            .transpose()?;
+        Ok(Device {
+            slots: Region::reserve(pages as usize).map_err(Error::Io)?,
+            pages,
+            store,
+            comp,
+            backing,
+            counters: Counters::default(),
+            born: Instant::now(),
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.pages * PAGE_SIZE as u64
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn comp(&self) -> &Arc<Comp> {
+        &self.comp
+    }
+
+    /// A stream for one worker of this device.
+    pub fn new_stream(&self) -> Stream {
+        self.comp
+            .new_stream()
+            .expect("a Comp that was built makes streams")
+    }
+
+    fn now(&self) -> u32 {
+        self.born.elapsed().as_secs() as u32
+    }
+
+    fn slot(&self, index: u64) -> Result<&Slot, Error> {
+        if index >= self.pages {
+            self.counters.invalid_io.fetch_add(1, Relaxed);
+            return Err(Error::OutOfRange {
+                offset: index * PAGE_SIZE as u64,
+                len: PAGE_SIZE as u64,
+                size: self.size(),
+            });
+        }
+        Ok(self.slots.get(index as usize))
+    }
+
+    // ---- encoding and decoding -----------------------------------------------------------
+
+    /// Turns a page into a slot entry: same-filled, or compressed (or raw) into a new pool
+    /// object. Takes no lock of ours: compression may sleep.
+    fn encode(&self, src: &[u8; PAGE_SIZE], stream: &mut Stream) -> Result<Entry, Error> {
+        if let Some(word) = same_filled(src) {
+            return Ok(Entry::new(State::Same, word, 0, 0));
+        }
+        let pool = self.store.pool();
+        let compressed = stream.codec.compress_with(Priority::PRIMARY, src)?;
+        let (state, bytes): (State, &[u8]) = if compressed.len() >= pool.huge_class_size() {
+            (State::Huge, src)
+        } else {
+            (State::Compressed, compressed)
+        };
+        let h = self.store.malloc(bytes.len())?;
+        pool.write(h, bytes);
+        Ok(Entry::new(state, h.raw() as u64, bytes.len(), 0))
+    }
+
+    fn handle(e: &Entry) -> Handle {
+        Handle::from_raw(e.data as u32).expect("a stored object has a handle")
+    }
+
+    /// Decodes a slot's page into `dst`. The slot is locked by the caller (a sleepable lock:
+    /// decompression and file reads are allowed under it).
+    fn decode(
+        &self,
+        e: &Entry,
+        dst: &mut [u8; PAGE_SIZE],
+        stream: &mut Stream,
+    ) -> Result<(), Error> {
+        match e.state() {
+            State::Empty => dst.fill(0),
+            State::Same => fill_word(dst, e.data),
+            State::Compressed | State::Huge => {
+                let (local, codec) = stream.parts();
+                let obj = self.store.pool().read_begin(Self::handle(e), local);
+                if e.state() == State::Huge {
+                    dst.copy_from_slice(&obj);
+                } else {
+                    codec.decompress_with(prio(e), &obj, dst)?;
+                }
+            }
+            State::WrittenBack => {
+                let backing = self.backing.as_ref().ok_or(Error::NoBackingFile)?;
+                self.counters.bd_reads.fetch_add(1, Relaxed);
+                if e.len() == PAGE_SIZE {
+                    backing.read(e.data, dst)?;
+                } else {
+                    let (local, codec) = stream.parts();
+                    backing.read(e.data, &mut local[..e.len()])?;
+                    codec.decompress_with(prio(e), &local[..e.len()], dst)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a new entry in.
+    fn account(&self, e: &Entry) {
+        let c = &self.counters;
+        match e.state() {
+            State::Empty => return,
+            State::Same => {
+                c.same_pages.fetch_add(1, Relaxed);
+            }
+            State::Compressed => {
+                c.compr_data_size.fetch_add(e.len() as u64, Relaxed);
+            }
+            State::Huge => {
+                c.compr_data_size.fetch_add(PAGE_SIZE as u64, Relaxed);
+                c.huge_pages.fetch_add(1, Relaxed);
+                c.huge_pages_since.fetch_add(1, Relaxed);
+            }
+            State::WrittenBack => {
+                c.bd_count.fetch_add(1, Relaxed);
+            }
+        }
+        c.pages_stored.fetch_add(1, Relaxed);
+    }
+
+    /// Frees what an entry that left its slot held, and counts it out.
+    fn release(&self, e: &Entry) {
+        let c = &self.counters;
+        match e.state() {
+            State::Empty => return,
+            State::Same => {
+                c.same_pages.fetch_sub(1, Relaxed);
+            }
+            State::Compressed | State::Huge => {
+                self.store.pool().free(Self::handle(e));
+                let len = if e.state() == State::Huge {
+                    c.huge_pages.fetch_sub(1, Relaxed);
+                    PAGE_SIZE
+                } else {
+                    e.len()
+                };
+                c.compr_data_size.fetch_sub(len as u64, Relaxed);
+            }
+            State::WrittenBack => {
+                if let Some(b) = &self.backing {
+                    b.free(e.data);
+                }
+                c.bd_count.fetch_sub(1, Relaxed);
+            }
+        }
+        c.pages_stored.fetch_sub(1, Relaxed);
+    }
+
+    /// Puts `new` in the locked slot and frees what it replaces.
+    fn install(&self, mut g: SlotGuard<'_>, new: Entry) {
+        let old = g.entry;
+        self.account(&new);
+        g.set(new, self.now());
+        drop(g);
+        self.release(&old);
+    }
+
+    // ---- page operations -----------------------------------------------------------------
+
+    /// Reads page `index` into `dst`.
+    pub fn read_page(
+        &self,
+        index: u64,
+        dst: &mut [u8; PAGE_SIZE],
+        stream: &mut Stream,
+    ) -> Result<(), Error> {
+        let mut g = self.slot(index)?.lock();
+        let r = self.decode(&g.entry, dst, stream);
+        g.touch(self.now());
+        drop(g);
+        self.count_io(&r, false, PAGE_SIZE);
+        r
+    }
+
+    /// Writes page `index` from `src`. On error (memory limit: [`Error::NoSpace`]) the page
+    /// keeps its previous content.
+    pub fn write_page(
+        &self,
+        index: u64,
+        src: &[u8; PAGE_SIZE],
+        stream: &mut Stream,
+    ) -> Result<(), Error> {
+        let slot = self.slot(index)?;
+        let r = self
+            .encode(src, stream)
+            .map(|new| self.install(slot.lock(), new));
+        self.count_io(&r, true, PAGE_SIZE);
+        r
+    }
+
+    fn count_io<T>(&self, r: &Result<T, Error>, write: bool, bytes: usize) {
+        let c = &self.counters;
+        match (r.is_ok(), write) {
+            (true, false) => {
+                c.reads.fetch_add(1, Relaxed);
+                c.read_bytes.fetch_add(bytes as u64, Relaxed);
+            }
+            (true, true) => {
+                c.writes.fetch_add(1, Relaxed);
+                c.write_bytes.fetch_add(bytes as u64, Relaxed);
+            }
+            (false, false) => {
+                c.failed_reads.fetch_add(1, Relaxed);
+            }
+            (false, true) => {
+                c.failed_writes.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Frees pages `first..first + count` (they read as zeroes after): a discard.
+    pub fn discard(&self, first: u64, count: u64) -> Result<(), Error> {
+        self.free_range(first, count, true)
+    }
+
+    /// Writes zeroes over pages `first..first + count`; like discard, it frees them.
+    pub fn write_zeroes(&self, first: u64, count: u64) -> Result<(), Error> {
+        self.free_range(first, count, false)
+    }
+
+    fn free_range(&self, first: u64, count: u64, notify: bool) -> Result<(), Error> {
+        if first.checked_add(count).is_none_or(|end| end > self.pages) {
+            self.counters.invalid_io.fetch_add(1, Relaxed);
+            return Err(Error::OutOfRange {
+                offset: first.saturating_mul(PAGE_SIZE as u64),
+                len: count.saturating_mul(PAGE_SIZE as u64),
+                size: self.size(),
+            });
+        }
+        for i in first..first + count {
+            let mut g = self.slots.get(i as usize).lock();
+            let old = g.entry;
+            if old.state() == State::Empty {
+                continue;
+            }
+            g.set(Entry::EMPTY, self.now());
+            drop(g);
+            self.release(&old);
+            if notify {
+                self.counters.notify_free.fetch_add(1, Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a byte range for a request: 512-byte aligned and inside the device.
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+            self.counters.invalid_io.fetch_add(1, Relaxed);
+            return Err(Error::Unaligned { offset, len });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            self.counters.invalid_io.fetch_add(1, Relaxed);
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (both multiples of 512).
+    pub fn read(&self, offset: u64, buf: &mut [u8], stream: &mut Stream) -> Result<(), Error> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut page = [0u8; PAGE_SIZE];
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (index, in_page) = (pos / PAGE_SIZE as u64, (pos % PAGE_SIZE as u64) as usize);
+            let n = (PAGE_SIZE - in_page).min(buf.len() - done);
+            if n == PAGE_SIZE {
+                let dst: &mut [u8; PAGE_SIZE] =
+                    (&mut buf[done..done + n]).try_into().expect("one page");
+                self.read_page(index, dst, stream)?;
+            } else {
+                self.read_page(index, &mut page, stream)?;
+                buf[done..done + n].copy_from_slice(&page[in_page..in_page + n]);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` (both multiples of 512). Partial pages are read, patched and
+    /// written back with the slot locked throughout, so concurrent writes to different sectors
+    /// of one page both land.
+    pub fn write(&self, offset: u64, buf: &[u8], stream: &mut Stream) -> Result<(), Error> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (index, in_page) = (pos / PAGE_SIZE as u64, (pos % PAGE_SIZE as u64) as usize);
+            let n = (PAGE_SIZE - in_page).min(buf.len() - done);
+            if n == PAGE_SIZE {
+                let src: &[u8; PAGE_SIZE] = buf[done..done + n].try_into().expect("one page");
+                self.write_page(index, src, stream)?;
+            } else {
+                let r = self.write_partial(index, in_page, &buf[done..done + n], stream);
+                self.count_io(&r, true, n);
+                r?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_partial(
+        &self,
+        index: u64,
+        at: usize,
+        bytes: &[u8],
+        stream: &mut Stream,
+    ) -> Result<(), Error> {
+        let g = self.slots.get(index as usize).lock();
+        let mut page = [0u8; PAGE_SIZE];
+        self.decode(&g.entry, &mut page, stream)?;
+        page[at..at + bytes.len()].copy_from_slice(bytes);
+        // Compressing under the slot lock is allowed (it is sleepable) and keeps the
+        // read-modify-write whole.
+        let new = self.encode(&page, stream)?;
+        self.install(g, new);
+        Ok(())
+    }
+
+    // ---- maintenance ---------------------------------------------------------------------
+
+    /// Marks stored pages idle: all of them, or those not accessed for `older_than`.
+    /// Returns how many were marked.
+    pub fn mark_idle(&self, older_than: Option<Duration>) -> u64 {
+        let now = self.now();
+        let age = older_than.map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32);
+        let mut marked = 0;
+        for i in 0..self.pages as usize {
+            let mut g = self.slots.get(i).lock();
+            if g.entry.state() != State::Empty && now.saturating_sub(g.entry.atime()) >= age {
+                g.set_flag(IDLE, true);
+                marked += 1;
+            }
+        }
+        marked
+    }
+
+    /// Recompresses matching pages with the algorithm of priority `prio` (1..=3), keeping the
+    /// new form only if it lands in a smaller size class. `threshold`: only pages whose
+    /// compressed size is at least this. `max_pages`: stop after trying this many.
+    pub fn recompress(
+        &self,
+        filter: PageFilter,
+        threshold: Option<usize>,
+        max_pages: Option<u64>,
+        prio: Priority,
+        stream: &mut Stream,
+    ) -> Result<RecompressResult, Error> {
+        if prio.is_primary() || self.comp.backend(prio).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "no secondary algorithm with priority {}",
+                prio.get()
+            )));
+        }
+        let pool = self.store.pool();
+        let mut result = RecompressResult::default();
+        let mut page = [0u8; PAGE_SIZE];
+        for i in 0..self.pages as usize {
+            if max_pages.is_some_and(|m| result.tried >= m) {
+                break;
+            }
+            let g = self.slots.get(i).lock();
+            let old = g.entry;
+            let eligible = matches!(old.state(), State::Compressed | State::Huge)
+                && !old.has(INCOMPRESSIBLE)
+                && old.prio() < prio.get()
+                && filter.matches(&old)
+                && threshold.is_none_or(|t| old.len() >= t);
+            if !eligible {
+                continue;
+            }
+            self.decode(&old, &mut page, stream)?;
+            drop(g);
+            result.tried += 1;
+            let compressed = stream.codec.compress_with(prio, &page)?;
+            let smaller = compressed.len() < pool.huge_class_size()
+                && pool.slot_size(compressed.len()) < pool.slot_size(old.len());
+            let new = if smaller {
+                let h = self.store.malloc(compressed.len())?;
+                pool.write(h, compressed);
+                Some(Entry::new(
+                    State::Compressed,
+                    h.raw() as u64,
+                    compressed.len(),
+                    prio.get(),
+                ))
+            } else {
+                None
+            };
+            let mut g = self.slots.get(i).lock();
+            if !g.entry.same_object(&old) {
+                // Rewritten meanwhile: the new data wins, our copy is stale.
+                drop(g);
+                if let Some(new) = new {
+                    self.store.pool().free(Self::handle(&new));
+                }
+                continue;
+            }
+            match new {
+                Some(new) => {
+                    let flags = g.entry.meta & IDLE;
+                    let atime = g.entry.atime();
+                    self.account(&new);
+                    g.set(new, atime);
+                    g.entry.meta |= flags;
+                    drop(g);
+                    self.release(&old);
+                    result.recompressed += 1;
+                }
+                None => g.set_flag(INCOMPRESSIBLE, true),
+            }
+        }
+        Ok(result)
+    }
+
+    /// Moves matching pages, compressed as they are, to the backing file, up to `limit` pages
+    /// and within the writeback limit (if enabled). Returns the pages written.
+    pub fn writeback(&self, filter: PageFilter, limit: Option<u64>) -> Result<u64, Error> {
+        let backing = self.backing.as_ref().ok_or(Error::NoBackingFile)?;
+        let mut buf = [0u8; PAGE_SIZE];
+        let mut local = [0u8; PAGE_SIZE];
+        let mut written = 0;
+        for i in 0..self.pages as usize {
+            if limit.is_some_and(|l| written >= l) || !self.take_writeback_budget() {
+                break;
+            }
+            let g = self.slots.get(i).lock();
+            let old = g.entry;
+            if !matches!(old.state(), State::Compressed | State::Huge) || !filter.matches(&old) {
+                drop(g);
+                self.return_writeback_budget();
+                continue;
+            }
+            let len = old.len();
+            buf[..len]
+                .copy_from_slice(&self.store.pool().read_begin(Self::handle(&old), &mut local));
+            drop(g);
+            let Some(block) = backing.alloc() else {
+                self.return_writeback_budget();
+                return Err(Error::BackingFull);
+            };
+            if let Err(e) = backing.write(block, &buf[..len]) {
+                backing.free(block);
+                self.return_writeback_budget();
+                return Err(e.into());
+            }
+            let mut g = self.slots.get(i).lock();
+            if !g.entry.same_object(&old) {
+                drop(g);
+                backing.free(block);
+                self.return_writeback_budget();
+                continue;
+            }
+            let new = Entry::new(State::WrittenBack, block, len, old.prio());
+            let keep = g.entry.meta & (IDLE | INCOMPRESSIBLE);
+            let atime = g.entry.atime();
+            self.account(&new);
+            g.set(new, atime);
+            g.entry.meta |= keep;
+            drop(g);
+            self.release(&old);
+            self.counters.bd_writes.fetch_add(1, Relaxed);
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    fn take_writeback_budget(&self) -> bool {
+        let c = &self.counters;
+        !c.writeback_limit_enable.load(Relaxed)
+            || c.writeback_limit
+                .fetch_update(Relaxed, Relaxed, |l| l.checked_sub(1))
+                .is_ok()
+    }
+
+    fn return_writeback_budget(&self) {
+        if self.counters.writeback_limit_enable.load(Relaxed) {
+            self.counters.writeback_limit.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// zram's `writeback_limit_enable` and `writeback_limit` (in pages).
+    pub fn set_writeback_limit(&self, limit: Option<u64>) {
+        let c = &self.counters;
+        c.writeback_limit.store(limit.unwrap_or(0), Relaxed);
+        c.writeback_limit_enable.store(limit.is_some(), Relaxed);
+    }
+
+    /// Compacts the pool this device's data lives in. Returns pages freed.
+    pub fn compact(&self) -> usize {
+        self.store.compact()
+    }
+
+    // ---- statistics ----------------------------------------------------------------------
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let store = &self.store;
+        Stats {
+            disksize: self.size(),
+            comp_algorithm: self
+                .comp
+                .params(Priority::PRIMARY)
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            mm_stat: MmStat {
+                orig_data_size: c.pages_stored.load(Relaxed) * PAGE_SIZE as u64,
+                compr_data_size: c.compr_data_size.load(Relaxed),
+                mem_used_total: store.mem_used_total(),
+                mem_limit: store.mem_limit(),
+                mem_used_max: store.mem_used_max(),
+                same_pages: c.same_pages.load(Relaxed),
+                pages_compacted: store.pages_compacted(),
+                huge_pages: c.huge_pages.load(Relaxed),
+                huge_pages_since: c.huge_pages_since.load(Relaxed),
+            },
+            io_stat: IoStat {
+                failed_reads: c.failed_reads.load(Relaxed),
+                failed_writes: c.failed_writes.load(Relaxed),
+                invalid_io: c.invalid_io.load(Relaxed),
+                notify_free: c.notify_free.load(Relaxed),
+            },
+            bd_stat: BdStat {
+                bd_count: c.bd_count.load(Relaxed),
+                bd_reads: c.bd_reads.load(Relaxed),
+                bd_writes: c.bd_writes.load(Relaxed),
+            },
+            reads: c.reads.load(Relaxed),
+            writes: c.writes.load(Relaxed),
+            read_bytes: c.read_bytes.load(Relaxed),
+            write_bytes: c.write_bytes.load(Relaxed),
+        }
+    }
+}
+
+fn prio(e: &Entry) -> Priority {
+    Priority::new(e.prio()).expect("two bits hold 0..=3")
+}
+
+impl Drop for Device {
+    /// The device's pages go back to the shared pool.
+    fn drop(&mut self) {
+        for i in 0..self.pages as usize {
+            let e = self.slots.get(i).lock().entry;
+            if matches!(e.state(), State::Compressed | State::Huge) {
+                self.store.pool().free(Self::handle(&e));
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Statistics under zram's names (Documentation/admin-guide/blockdev/zram.rst).
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+/// The device's running counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub pages_stored: AtomicU64,
+    pub compr_data_size: AtomicU64,
+    pub same_pages: AtomicU64,
+    pub huge_pages: AtomicU64,
+    pub huge_pages_since: AtomicU64,
+    pub failed_reads: AtomicU64,
+    pub failed_writes: AtomicU64,
+    pub invalid_io: AtomicU64,
+    pub notify_free: AtomicU64,
+    pub bd_count: AtomicU64,
+    pub bd_reads: AtomicU64,
+    pub bd_writes: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub writeback_limit: AtomicU64,
+    pub writeback_limit_enable: AtomicBool,
+}
+
+/// zram's `mm_stat`, in bytes unless named in pages.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MmStat {
+    /// Uncompressed size of the data stored (every stored page, same-filled and written-back
+    /// ones included).
+    pub orig_data_size: u64,
+    /// Compressed size of the data in memory (a huge page counts 4096).
+    pub compr_data_size: u64,
+    /// Memory the pool holds, allocator overhead included (shared by devices on one store).
+    pub mem_used_total: u64,
+    /// The store's memory limit; 0 = none.
+    pub mem_limit: u64,
+    /// Most memory the pool has held since the last reset.
+    pub mem_used_max: u64,
+    /// Pages stored as one repeated word, without an allocation.
+    pub same_pages: u64,
+    /// Pages freed by compaction.
+    pub pages_compacted: u64,
+    /// Pages stored uncompressed now.
+    pub huge_pages: u64,
+    /// Pages stored uncompressed since the device was made.
+    pub huge_pages_since: u64,
+}
+
+impl MmStat {
+    /// The single line of zram's `mm_stat` file, in its field order.
+    pub fn line(&self) -> String {
+        format!(
+            "{} {} {} {} {} {} {} {} {}",
+            self.orig_data_size,
+            self.compr_data_size,
+            self.mem_used_total,
+            self.mem_limit,
+            self.mem_used_max,
+            self.same_pages,
+            self.pages_compacted,
+            self.huge_pages,
+            self.huge_pages_since
+        )
+    }
+}
+
+/// zram's `io_stat`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IoStat {
+    pub failed_reads: u64,
+    pub failed_writes: u64,
+    /// Requests refused as out of range or misaligned.
+    pub invalid_io: u64,
+    /// Pages freed by discard.
+    pub notify_free: u64,
+}
+
+/// zram's `bd_stat`, in pages.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BdStat {
+    /// Pages in the backing file now.
+    pub bd_count: u64,
+    pub bd_reads: u64,
+    pub bd_writes: u64,
+}
+
+/// A snapshot of a device's statistics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub disksize: u64,
+    pub comp_algorithm: String,
+    pub mm_stat: MmStat,
+    pub io_stat: IoStat,
+    pub bd_stat: BdStat,
+    /// Successful read and write requests (pages or partial pages) and their bytes.
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+}
