@@ -100,7 +100,7 @@ fn fill_word(dst: &mut [u8; PAGE_SIZE], word: u64) {
 
 impl Device {
     pub fn new(store: Arc<Store>, comp: Arc<Comp>, cfg: Config) -> Result<Device, Error> {
-        if cfg.size == 0 || cfg.size % PAGE_SIZE as u64 != 0 {
+        if cfg.size == 0 || !cfg.size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(Error::InvalidArgument(format!(
                 "device size {} is not a positive multiple of 4096",
                 cfg.size
@@ -372,7 +372,7 @@ impl Device {
 
     /// Checks a byte range for a request: 512-byte aligned and inside the device.
     fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
-        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+        if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
             self.counters.invalid_io.fetch_add(1, Relaxed);
             return Err(Error::Unaligned { offset, len });
         }
@@ -634,7 +634,7 @@ impl Device {
             comp_algorithm: self
                 .comp
                 .params(Priority::PRIMARY)
-                .map(|p| p.to_string())
+                .map(|p| p.algorithm.to_string())
                 .unwrap_or_default(),
             mm_stat: MmStat {
                 orig_data_size: c.pages_stored.load(Relaxed) * PAGE_SIZE as u64,
@@ -679,5 +679,298 @@ impl Drop for Device {
                 self.store.pool().free(Self::handle(&e));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagemix::{Mix, PageKind, fill_kind};
+
+    fn store(pages: usize) -> Arc<Store> {
+        Arc::new(
+            Store::new(zsmalloc::Config {
+                max_chain: 8,
+                capacity_pages: pages,
+                page_limit: pages,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn device(store: &Arc<Store>, pages: u64, backing: Option<PathBuf>) -> Device {
+        let comp = Comp::parse("lz4", &["algo=zstd level=9 priority=1"]).unwrap();
+        Device::new(
+            store.clone(),
+            Arc::new(comp),
+            Config {
+                size: pages * PAGE_SIZE as u64,
+                backing_file: backing,
+            },
+        )
+        .unwrap()
+    }
+
+    fn page(kind: PageKind, index: u64) -> [u8; PAGE_SIZE] {
+        let mut p = [0u8; PAGE_SIZE];
+        fill_kind(kind, 5, index, &mut p);
+        p
+    }
+
+    fn read(dev: &Device, index: u64, s: &mut Stream) -> [u8; PAGE_SIZE] {
+        let mut p = [0u8; PAGE_SIZE];
+        dev.read_page(index, &mut p, s).unwrap();
+        p
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vzram-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn statistics_follow_a_scripted_sequence_exactly() {
+        let st = store(1024);
+        let dev = device(&st, 16, None);
+        let mut s = dev.new_stream();
+        let heap = page(PageKind::Heap, 1);
+        let clen = s.compress(&heap).unwrap().len() as u64;
+        dev.write_page(0, &heap, &mut s).unwrap(); // compressed
+        dev.write_page(1, &page(PageKind::Zero, 0), &mut s).unwrap(); // same (zero)
+        dev.write_page(2, &page(PageKind::Same, 3), &mut s).unwrap(); // same
+        dev.write_page(3, &page(PageKind::Random, 4), &mut s)
+            .unwrap(); // huge
+        dev.write_page(2, &page(PageKind::Random, 5), &mut s)
+            .unwrap(); // same -> huge
+        assert_eq!(read(&dev, 0, &mut s), heap);
+        assert!(dev.read_page(16, &mut [0; PAGE_SIZE], &mut s).is_err());
+        assert!(dev.write(100, &[0; 512], &mut s).is_err());
+        dev.discard(1, 2).unwrap(); // frees the zero page and a huge page
+        dev.discard(5, 1).unwrap(); // empty: nothing freed, nothing counted
+        let st_ = dev.stats();
+        assert_eq!(
+            st_.mm_stat,
+            MmStat {
+                orig_data_size: 2 * 4096,
+                compr_data_size: clen + 4096,
+                mem_used_total: st.pool().pages_used() as u64 * 4096,
+                mem_limit: 0,
+                mem_used_max: st_.mm_stat.mem_used_max,
+                same_pages: 0,
+                pages_compacted: 0,
+                huge_pages: 1,
+                huge_pages_since: 2,
+            }
+        );
+        assert!(st_.mm_stat.mem_used_max >= st_.mm_stat.mem_used_total);
+        assert_eq!(
+            st_.io_stat,
+            IoStat {
+                failed_reads: 0,
+                failed_writes: 0,
+                invalid_io: 2,
+                notify_free: 2,
+            }
+        );
+        assert_eq!(st_.bd_stat, BdStat::default());
+        assert_eq!((st_.reads, st_.writes), (1, 5));
+        assert_eq!(st_.mm_stat.line().split(' ').count(), 9);
+        let json = serde_json::to_value(&st_).unwrap();
+        assert_eq!(json["mm_stat"]["huge_pages_since"], 2);
+        assert_eq!(json["comp_algorithm"], "lz4");
+    }
+
+    #[test]
+    fn sector_writes_read_modify_write_partial_pages() {
+        let st = store(1024);
+        let dev = device(&st, 4, None);
+        let mut s = dev.new_stream();
+        let mut model = vec![0u8; 4 * PAGE_SIZE];
+        let data: Vec<u8> = (0..3 * 512).map(|i| (i * 7 % 251) as u8).collect();
+        // Spans the end of page 0 and the start of page 1.
+        dev.write(7 * 512, &data, &mut s).unwrap();
+        model[7 * 512..10 * 512].copy_from_slice(&data);
+        let mut back = vec![0u8; 4 * PAGE_SIZE];
+        dev.read(0, &mut back, &mut s).unwrap();
+        assert_eq!(back, model);
+        let mut one = [0u8; 512];
+        dev.read(8 * 512, &mut one, &mut s).unwrap();
+        assert_eq!(&one[..], &model[8 * 512..9 * 512]);
+        assert!(matches!(
+            dev.read(100, &mut one, &mut s),
+            Err(Error::Unaligned { .. })
+        ));
+        assert!(matches!(
+            dev.write(4 * PAGE_SIZE as u64, &one, &mut s),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_limit_fails_writes_cleanly_and_discard_gives_memory_back() {
+        let st = store(4096);
+        let dev = device(&st, 1024, None);
+        let mut s = dev.new_stream();
+        st.set_mem_limit(64 * 4096);
+        let mut stored = Vec::new();
+        let mut failed = 0;
+        for i in 0..1024 {
+            let p = page(PageKind::Random, i);
+            match dev.write_page(i, &p, &mut s) {
+                Ok(()) => stored.push((i, p)),
+                Err(Error::NoSpace) => failed += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(stored.len(), 64);
+        assert_eq!(dev.stats().io_stat.failed_writes, failed);
+        assert!(dev.stats().mm_stat.mem_used_total <= 64 * 4096);
+        // A failed overwrite leaves the old content.
+        assert!(matches!(
+            dev.write_page(0, &page(PageKind::Random, 999), &mut s),
+            Err(Error::NoSpace)
+        ));
+        for (i, p) in &stored {
+            assert_eq!(&read(&dev, *i, &mut s), p);
+        }
+        // Same-filled pages need no memory: they still go in.
+        dev.write_page(1000, &page(PageKind::Zero, 0), &mut s)
+            .unwrap();
+        dev.discard(0, 1024).unwrap();
+        let mm = dev.stats().mm_stat;
+        assert_eq!(
+            (mm.orig_data_size, mm.compr_data_size, mm.mem_used_total),
+            (0, 0, 0)
+        );
+        assert_eq!(mm.mem_limit, 64 * 4096);
+        assert_eq!(mm.mem_used_max, 64 * 4096);
+        st.reset_mem_used_max();
+        assert_eq!(dev.stats().mm_stat.mem_used_max, 0);
+    }
+
+    #[test]
+    fn recompression_keeps_only_smaller_classes_and_pages_stay_readable() {
+        let st = store(4096);
+        let dev = device(&st, 256, None);
+        let mut s = dev.new_stream();
+        let pages: Vec<_> = (0..256)
+            .map(|i| {
+                let mut p = [0u8; PAGE_SIZE];
+                pagemix::fill_page(&Mix::default(), 9, i, &mut p);
+                dev.write_page(i, &p, &mut s).unwrap();
+                p
+            })
+            .collect();
+        let before = dev.stats().mm_stat;
+        assert!(dev.mark_idle(None) > 200);
+        let r = dev
+            .recompress(
+                PageFilter::Idle,
+                None,
+                None,
+                Priority::new(1).unwrap(),
+                &mut s,
+            )
+            .unwrap();
+        assert!(r.tried > 0 && r.recompressed > r.tried / 2, "{r:?}");
+        let after = dev.stats().mm_stat;
+        assert!(after.compr_data_size < before.compr_data_size);
+        assert_eq!(after.orig_data_size, before.orig_data_size);
+        for (i, p) in pages.iter().enumerate() {
+            assert_eq!(&read(&dev, i as u64, &mut s), p);
+        }
+        // Pages already recompressed, or that did not shrink, are not tried again.
+        dev.mark_idle(None);
+        let again = dev
+            .recompress(
+                PageFilter::Idle,
+                None,
+                None,
+                Priority::new(1).unwrap(),
+                &mut s,
+            )
+            .unwrap();
+        assert_eq!(again.recompressed, 0);
+        assert!(
+            dev.recompress(PageFilter::Idle, None, None, Priority::PRIMARY, &mut s)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn writeback_moves_pages_to_the_file_and_reads_them_back() {
+        let path = temp_path("wb");
+        let st = store(4096);
+        let dev = device(&st, 64, Some(path.clone()));
+        let mut s = dev.new_stream();
+        let pages: Vec<_> = (0..64)
+            .map(|i| {
+                let kind = if i % 4 == 0 {
+                    PageKind::Random
+                } else {
+                    PageKind::Heap
+                };
+                let p = page(kind, i);
+                dev.write_page(i, &p, &mut s).unwrap();
+                p
+            })
+            .collect();
+        dev.set_writeback_limit(Some(10));
+        assert_eq!(dev.writeback(PageFilter::Huge, None).unwrap(), 10);
+        dev.set_writeback_limit(None);
+        assert_eq!(dev.writeback(PageFilter::Huge, None).unwrap(), 6);
+        assert_eq!(dev.writeback(PageFilter::Idle, None).unwrap(), 0); // nothing idle yet
+        dev.mark_idle(None);
+        assert_eq!(dev.writeback(PageFilter::Idle, Some(8)).unwrap(), 8);
+        let bd = dev.stats().bd_stat;
+        assert_eq!((bd.bd_count, bd.bd_writes), (24, 24));
+        assert_eq!(dev.stats().mm_stat.huge_pages, 0);
+        for (i, p) in pages.iter().enumerate() {
+            assert_eq!(&read(&dev, i as u64, &mut s), p, "page {i}");
+        }
+        assert_eq!(dev.stats().bd_stat.bd_reads, 24);
+        // Discard frees the file blocks for reuse; a rewrite replaces the written-back copy.
+        // Pages 0..4 are all in the file (0 as huge, 1..4 as idle), and so is huge page 4.
+        dev.discard(0, 4).unwrap();
+        dev.write_page(4, &pages[5], &mut s).unwrap();
+        assert_eq!(dev.stats().bd_stat.bd_count, 24 - 5);
+        assert_eq!(dev.stats().mm_stat.orig_data_size, 60 * 4096);
+        drop(dev);
+        assert_eq!(st.pool().pages_used(), 0);
+        std::fs::remove_file(path).unwrap();
+        let no_file = device(&st, 4, None);
+        assert!(matches!(
+            no_file.writeback(PageFilter::Huge, None),
+            Err(Error::NoBackingFile)
+        ));
+    }
+
+    #[test]
+    fn devices_share_a_store_with_their_own_statistics() {
+        let st = store(4096);
+        let (a, b) = (device(&st, 16, None), device(&st, 16, None));
+        let mut s = a.new_stream();
+        a.write_page(0, &page(PageKind::Heap, 0), &mut s).unwrap();
+        b.write_page(0, &page(PageKind::Text, 0), &mut s).unwrap();
+        b.write_page(1, &page(PageKind::Text, 1), &mut s).unwrap();
+        assert_eq!(a.stats().mm_stat.orig_data_size, 4096);
+        assert_eq!(b.stats().mm_stat.orig_data_size, 2 * 4096);
+        assert_eq!(
+            a.stats().mm_stat.mem_used_total,
+            b.stats().mm_stat.mem_used_total
+        );
+        assert_ne!(read(&a, 0, &mut s), read(&b, 0, &mut s));
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "non-sleepable section")]
+    fn compressing_inside_a_non_sleepable_section_is_caught() {
+        // Every write compresses through zcomp's might_sleep(); if zram ever compressed under
+        // one of its non-sleepable locks, every test here would panic like this one does.
+        let st = store(64);
+        let dev = device(&st, 4, None);
+        let mut s = dev.new_stream();
+        let _atomic = preempt::NonSleepGuard::new();
+        let _ = dev.write_page(0, &page(PageKind::Heap, 0), &mut s);
     }
 }
