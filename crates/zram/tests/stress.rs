@@ -1,0 +1,413 @@
+//! Multi-threaded stress: workers writing, reading and verifying pages while maintenance
+//! (compaction, idle marking, recompression, writeback) runs alongside.
+
+use pagemix::{PageKind, SplitMix64, fill_kind};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+use zcomp::{Comp, Priority, Stream};
+use zram::{Config, Device, Error, PAGE_SIZE, PageFilter, Store};
+
+/// How long each test lets its workers run.
+const RUN_FOR: Duration = Duration::from_secs(4);
+/// Ops per worker at most (whichever of this and `RUN_FOR` ends first).
+const MAX_OPS: u64 = 20_000;
+
+/// Aborts the process if the test it guards runs longer than 120 s (a deadlock guard).
+struct Watchdog(Arc<AtomicBool>);
+
+impl Watchdog {
+    fn new(name: &'static str) -> Watchdog {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        thread::spawn(move || {
+            let start = Instant::now();
+            while !d.load(Ordering::Relaxed) {
+                if start.elapsed() > Duration::from_secs(120) {
+                    eprintln!("watchdog: {name} ran longer than 120 s; deadlock? aborting");
+                    std::process::abort();
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(tag: &str) -> TempFile {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        TempFile(std::env::temp_dir().join(format!(
+            "vzram-stress-{tag}-{}-{n}.backing",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn comp() -> Arc<Comp> {
+    Arc::new(Comp::parse("lz4", &["algo=zstd level=3 priority=1"]).expect("lz4 + zstd"))
+}
+
+fn store() -> Arc<Store> {
+    Arc::new(
+        Store::new(zsmalloc::Config {
+            capacity_pages: 8192,
+            page_limit: 8192,
+            ..Default::default()
+        })
+        .expect("store"),
+    )
+}
+
+const SAME_MARK: u64 = 0x5A5A << 48;
+
+/// The content of version `version` (never 0) of page `index`: whole and self-describing. A
+/// same-filled version is one word holding a mark, the page and the version; any other holds
+/// `(index, version)` in its first 16 bytes and pagemix content seeded by the version after.
+fn versioned(index: u64, version: u64) -> [u8; PAGE_SIZE] {
+    let mut p = [0u8; PAGE_SIZE];
+    match version % 4 {
+        0 => {
+            let word = SAME_MARK | (index & 0xFFFF) << 32 | (version & 0xFFFF_FFFF);
+            for w in p.chunks_exact_mut(8) {
+                w.copy_from_slice(&word.to_ne_bytes());
+            }
+        }
+        k => {
+            let kind = [PageKind::Heap, PageKind::Text, PageKind::Random][k as usize - 1];
+            fill_kind(kind, version, index, &mut p);
+            p[..8].copy_from_slice(&index.to_le_bytes());
+            p[8..16].copy_from_slice(&version.to_le_bytes());
+        }
+    }
+    p
+}
+
+/// Checks that `p` is one whole version of page `index` (or all zeroes, for a page never
+/// written or discarded) and returns that version (0 for zeroes).
+fn whole_version(index: u64, p: &[u8; PAGE_SIZE]) -> Result<u64, String> {
+    if p.iter().all(|&b| b == 0) {
+        return Ok(0);
+    }
+    let word = u64::from_ne_bytes(p[..8].try_into().unwrap());
+    if word & (0xFFFF << 48) == SAME_MARK && p.chunks_exact(8).all(|w| w == &p[..8]) {
+        if (word >> 32) & 0xFFFF != index & 0xFFFF {
+            return Err(format!("page {index}: same-filled page of another index"));
+        }
+        let low = word & 0xFFFF_FFFF;
+        // Versions are (thread + 1) << 32 | counter; the low half and page pin it down to a
+        // version whose full content we can rebuild for some thread.
+        for t in 1..=8u64 {
+            let v = t << 32 | low;
+            if v % 4 == 0 && versioned(index, v) == *p {
+                return Ok(v);
+            }
+        }
+        return Err(format!(
+            "page {index}: unknown same-filled content {word:#x}"
+        ));
+    }
+    let at = u64::from_le_bytes(p[..8].try_into().unwrap());
+    let version = u64::from_le_bytes(p[8..16].try_into().unwrap());
+    if at != index || version == 0 {
+        return Err(format!(
+            "page {index}: header says page {at} version {version}"
+        ));
+    }
+    if versioned(index, version) != *p {
+        return Err(format!("page {index}: torn or corrupt version {version}"));
+    }
+    Ok(version)
+}
+
+#[derive(Default)]
+struct Tally {
+    writes: u64,
+    reads: u64,
+}
+
+/// One worker: owns pages `own` (exact model of their bytes, with partial writes and
+/// discards) and shares pages `shared` (whole-page versions only; a read must be one whole
+/// version of that page).
+fn worker(
+    dev: &Device,
+    t: u64,
+    own: std::ops::Range<u64>,
+    shared: std::ops::Range<u64>,
+    stop: &AtomicBool,
+) -> Tally {
+    let mut st: Stream = dev.new_stream();
+    let mut rng = SplitMix64::new(0xC0FFEE ^ t);
+    let mut model: Vec<[u8; PAGE_SIZE]> = vec![[0u8; PAGE_SIZE]; (own.end - own.start) as usize];
+    let mut counter = 0u64;
+    let mut next_version = || {
+        counter += 1;
+        (t + 1) << 32 | counter
+    };
+    let mut tally = Tally::default();
+    let start = Instant::now();
+    let mut page = [0u8; PAGE_SIZE];
+    for n in 0..MAX_OPS {
+        if n % 64 == 0 && (start.elapsed() > RUN_FOR || stop.load(Ordering::Relaxed)) {
+            break;
+        }
+        let own_page = own.start + rng.below(own.end - own.start);
+        let m = &mut model[(own_page - own.start) as usize];
+        match rng.below(100) {
+            0..25 => {
+                let p = versioned(own_page, next_version());
+                dev.write_page(own_page, &p, &mut st).expect("write_page");
+                *m = p;
+                tally.writes += 1;
+            }
+            25..40 => {
+                // A partial write inside one page.
+                let sector = rng.below(8) as usize;
+                let sectors = 1 + rng.below(8 - sector as u64) as usize;
+                let src = versioned(own_page, next_version());
+                let bytes = &src[sector * 512..(sector + sectors) * 512];
+                dev.write(
+                    own_page * PAGE_SIZE as u64 + sector as u64 * 512,
+                    bytes,
+                    &mut st,
+                )
+                .expect("partial write");
+                m[sector * 512..(sector + sectors) * 512].copy_from_slice(bytes);
+                tally.writes += 1;
+            }
+            40..65 => {
+                dev.read_page(own_page, &mut page, &mut st)
+                    .expect("read_page");
+                assert!(
+                    page == *m,
+                    "thread {t}: own page {own_page} differs from model"
+                );
+                tally.reads += 1;
+            }
+            65..68 => {
+                dev.discard(own_page, 1).expect("discard");
+                *m = [0u8; PAGE_SIZE];
+            }
+            68..85 => {
+                let i = shared.start + rng.below(shared.end - shared.start);
+                let p = versioned(i, next_version());
+                dev.write_page(i, &p, &mut st).expect("shared write_page");
+                tally.writes += 1;
+            }
+            _ => {
+                let i = shared.start + rng.below(shared.end - shared.start);
+                dev.read_page(i, &mut page, &mut st)
+                    .expect("shared read_page");
+                if let Err(e) = whole_version(i, &page) {
+                    panic!("thread {t}: {e}");
+                }
+                tally.reads += 1;
+            }
+        }
+    }
+    // Final check of every owned page.
+    for (k, m) in model.iter().enumerate() {
+        let i = own.start + k as u64;
+        dev.read_page(i, &mut page, &mut st)
+            .expect("final read_page");
+        assert!(
+            page == *m,
+            "thread {t}: final own page {i} differs from model"
+        );
+        tally.reads += 1;
+    }
+    tally
+}
+
+/// Maintenance on a device until `stop`: compaction, idle marking, recompression, writeback.
+fn maintain(dev: &Device, stop: &AtomicBool) -> u64 {
+    let mut st = dev.new_stream();
+    let mut rounds = 0;
+    while !stop.load(Ordering::Relaxed) {
+        dev.compact();
+        dev.mark_idle(None);
+        dev.recompress(
+            PageFilter::Idle,
+            None,
+            Some(64),
+            Priority::new(1).unwrap(),
+            &mut st,
+        )
+        .expect("recompress");
+        match dev.writeback(PageFilter::Idle, Some(50)) {
+            // Blocks freed by concurrent overwrites are released just after the slot
+            // changes, so a nearly full backing file may briefly look full.
+            Ok(_) | Err(Error::BackingFull) => {}
+            Err(e) => panic!("writeback: {e}"),
+        }
+        dev.recompress(
+            PageFilter::Huge,
+            None,
+            Some(16),
+            Priority::new(1).unwrap(),
+            &mut st,
+        )
+        .expect("recompress huge");
+        rounds += 1;
+        thread::sleep(Duration::from_millis(1));
+    }
+    rounds
+}
+
+fn device(store: Arc<Store>, pages: u64, file: &TempFile) -> Device {
+    Device::new(
+        store,
+        comp(),
+        Config {
+            size: pages * PAGE_SIZE as u64,
+            backing_file: Some(file.0.clone()),
+        },
+    )
+    .expect("device")
+}
+
+fn verify_shared(dev: &Device, shared: std::ops::Range<u64>) {
+    let mut st = dev.new_stream();
+    let mut page = [0u8; PAGE_SIZE];
+    for i in shared {
+        dev.read_page(i, &mut page, &mut st).expect("read shared");
+        if let Err(e) = whole_version(i, &page) {
+            panic!("final: {e}");
+        }
+    }
+}
+
+#[test]
+fn one_device_three_workers_and_maintenance() {
+    let _wd = Watchdog::new("one_device_three_workers_and_maintenance");
+    let file = TempFile::new("one");
+    // 3 x 64 own pages + 16 shared.
+    let dev = device(store(), 208, &file);
+    let stop = AtomicBool::new(false);
+    let shared = 192..208;
+    let (tallies, rounds) = thread::scope(|s| {
+        let m = s.spawn(|| maintain(&dev, &stop));
+        let workers: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (dev, stop, shared) = (&dev, &stop, shared.clone());
+                s.spawn(move || worker(dev, t, t * 64..(t + 1) * 64, shared, stop))
+            })
+            .collect();
+        let tallies: Vec<Tally> = workers
+            .into_iter()
+            .map(|w| w.join().expect("worker panicked"))
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        (tallies, m.join().expect("maintenance panicked"))
+    });
+    verify_shared(&dev, shared);
+    let s = dev.stats();
+    let writes: u64 = tallies.iter().map(|t| t.writes).sum();
+    let reads: u64 = tallies.iter().map(|t| t.reads).sum();
+    assert_eq!(s.writes, writes, "writes counted");
+    assert!(s.reads >= reads, "reads counted");
+    assert_eq!(s.io_stat.failed_writes, 0);
+    assert_eq!(s.io_stat.failed_reads, 0);
+    assert!(rounds > 0, "maintenance ran");
+    eprintln!(
+        "one device: {writes} writes, {reads} reads, {rounds} maintenance rounds, \
+         bd_writes {}, huge {}, same {}",
+        s.bd_stat.bd_writes, s.mm_stat.huge_pages, s.mm_stat.same_pages
+    );
+    dev.discard(0, dev.pages()).expect("discard all");
+    let s = dev.stats();
+    assert_eq!(s.mm_stat.orig_data_size, 0);
+    assert_eq!(s.mm_stat.compr_data_size, 0);
+    assert_eq!(s.mm_stat.same_pages, 0);
+    assert_eq!(s.mm_stat.huge_pages, 0);
+    assert_eq!(s.bd_stat.bd_count, 0);
+    assert_eq!(dev.store().pool().pages_used(), 0);
+}
+
+#[test]
+fn two_devices_share_one_store() {
+    let _wd = Watchdog::new("two_devices_share_one_store");
+    let store = store();
+    let (fa, fb) = (TempFile::new("a"), TempFile::new("b"));
+    // 2 x 48 own pages + 8 shared, per device.
+    let a = device(store.clone(), 104, &fa);
+    let b = device(store.clone(), 104, &fb);
+    let stop = AtomicBool::new(false);
+    let shared = 96..104;
+    let (ta, tb) = thread::scope(|s| {
+        let ma = s.spawn(|| maintain(&a, &stop));
+        let mb = s.spawn(|| maintain(&b, &stop));
+        let wa: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (dev, stop, shared) = (&a, &stop, shared.clone());
+                s.spawn(move || worker(dev, t, t * 48..(t + 1) * 48, shared, stop))
+            })
+            .collect();
+        let wb: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (dev, stop, shared) = (&b, &stop, shared.clone());
+                s.spawn(move || worker(dev, 2 + t, t * 48..(t + 1) * 48, shared, stop))
+            })
+            .collect();
+        let ta: Vec<Tally> = wa
+            .into_iter()
+            .map(|w| w.join().expect("worker a"))
+            .collect();
+        let tb: Vec<Tally> = wb
+            .into_iter()
+            .map(|w| w.join().expect("worker b"))
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        ma.join().expect("maintenance a");
+        mb.join().expect("maintenance b");
+        (ta, tb)
+    });
+    verify_shared(&a, shared.clone());
+    verify_shared(&b, shared);
+    // Each device counts its own requests only.
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!(
+        sa.writes,
+        ta.iter().map(|t| t.writes).sum::<u64>(),
+        "device a writes"
+    );
+    assert_eq!(
+        sb.writes,
+        tb.iter().map(|t| t.writes).sum::<u64>(),
+        "device b writes"
+    );
+    // The pool is shared: both see the same memory figures.
+    assert_eq!(sa.mm_stat.mem_used_total, sb.mm_stat.mem_used_total);
+    assert!(store.pool().pages_used() > 0);
+
+    // Dropping one device gives its memory back; discarding the other empties the pool.
+    drop(a);
+    b.discard(0, b.pages()).expect("discard b");
+    let s = b.stats();
+    assert_eq!(s.mm_stat.orig_data_size, 0);
+    assert_eq!(s.mm_stat.compr_data_size, 0);
+    assert_eq!(s.bd_stat.bd_count, 0);
+    assert_eq!(
+        store.pool().pages_used(),
+        0,
+        "pool empty after drop + discard"
+    );
+    assert_eq!(b.stats().mm_stat.mem_used_total, 0);
+}
