@@ -1,7 +1,7 @@
 //! A zram device: the slot table and every operation on it.
 
 use crate::backing::Backing;
-use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, Slot, SlotGuard, State};
+use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, MAINT, Slot, SlotGuard, State};
 use crate::stats::{BdStat, Counters, IoStat, MmStat, Stats};
 use crate::{Error, SECTOR_SIZE, Store};
 use std::path::PathBuf;
@@ -291,11 +291,20 @@ impl Device {
         dst: &mut [u8; PAGE_SIZE],
         stream: &mut Stream,
     ) -> Result<(), Error> {
-        let mut g = self.slot(index)?.lock();
+        let r = self.load(self.slot(index)?, dst, stream);
+        self.count_io(&r, false, PAGE_SIZE);
+        r
+    }
+
+    fn load(
+        &self,
+        slot: &Slot,
+        dst: &mut [u8; PAGE_SIZE],
+        stream: &mut Stream,
+    ) -> Result<(), Error> {
+        let mut g = slot.lock();
         let r = self.decode(&g.entry, dst, stream);
         g.touch(self.now());
-        drop(g);
-        self.count_io(&r, false, PAGE_SIZE);
         r
     }
 
@@ -401,7 +410,9 @@ impl Device {
                     (&mut buf[done..done + n]).try_into().expect("one page");
                 self.read_page(index, dst, stream)?;
             } else {
-                self.read_page(index, &mut page, stream)?;
+                let r = self.load(self.slots.get(index as usize), &mut page, stream);
+                self.count_io(&r, false, n);
+                r?;
                 buf[done..done + n].copy_from_slice(&page[in_page..in_page + n]);
             }
             done += n;
@@ -492,7 +503,7 @@ impl Device {
             if max_pages.is_some_and(|m| result.tried >= m) {
                 break;
             }
-            let g = self.slots.get(i).lock();
+            let mut g = self.slots.get(i).lock();
             let old = g.entry;
             let eligible = matches!(old.state(), State::Compressed | State::Huge)
                 && !old.has(INCOMPRESSIBLE)
@@ -503,6 +514,7 @@ impl Device {
                 continue;
             }
             self.decode(&old, &mut page, stream)?;
+            g.set_flag(MAINT, true);
             drop(g);
             result.tried += 1;
             let compressed = stream.codec.compress_with(prio, &page)?;
@@ -521,7 +533,7 @@ impl Device {
                 None
             };
             let mut g = self.slots.get(i).lock();
-            if !g.entry.same_object(&old) {
+            if !(g.entry.has(MAINT) && g.entry.same_object(&old)) {
                 // Rewritten meanwhile: the new data wins, our copy is stale.
                 drop(g);
                 if let Some(new) = new {
@@ -540,7 +552,10 @@ impl Device {
                     self.release(&old);
                     result.recompressed += 1;
                 }
-                None => g.set_flag(INCOMPRESSIBLE, true),
+                None => {
+                    g.set_flag(INCOMPRESSIBLE, true);
+                    g.set_flag(MAINT, false);
+                }
             }
         }
         Ok(result)
@@ -557,7 +572,7 @@ impl Device {
             if limit.is_some_and(|l| written >= l) || !self.take_writeback_budget() {
                 break;
             }
-            let g = self.slots.get(i).lock();
+            let mut g = self.slots.get(i).lock();
             let old = g.entry;
             if !matches!(old.state(), State::Compressed | State::Huge) || !filter.matches(&old) {
                 drop(g);
@@ -567,6 +582,7 @@ impl Device {
             let len = old.len();
             buf[..len]
                 .copy_from_slice(&self.store.pool().read_begin(Self::handle(&old), &mut local));
+            g.set_flag(MAINT, true);
             drop(g);
             let Some(block) = backing.alloc() else {
                 self.return_writeback_budget();
@@ -578,7 +594,7 @@ impl Device {
                 return Err(e.into());
             }
             let mut g = self.slots.get(i).lock();
-            if !g.entry.same_object(&old) {
+            if !(g.entry.has(MAINT) && g.entry.same_object(&old)) {
                 drop(g);
                 backing.free(block);
                 self.return_writeback_budget();

@@ -20,6 +20,10 @@ const PRIO_MASK: u64 = 0x3 << PRIO_SHIFT;
 pub const IDLE: u64 = 1 << 18;
 pub const INCOMPRESSIBLE: u64 = 1 << 19;
 const LOCK: u64 = 1 << 20;
+/// Set by maintenance (recompression, writeback) when it copies a page out to work on it
+/// unlocked; every install clears it. Maintenance installs its result only if the flag is
+/// still set: a handle id alone cannot tell, since a rewrite may get the same id back.
+pub const MAINT: u64 = 1 << 21;
 const ATIME_SHIFT: u32 = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

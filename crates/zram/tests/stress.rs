@@ -415,10 +415,6 @@ fn two_devices_share_one_store() {
 /// Single writer rewriting one page with incompressible (huge) pages while another thread
 /// keeps writing it back: every read must return exactly what the writer last wrote.
 #[test]
-#[ignore = "BUG (device.rs writeback): the slot re-check after the unlocked file write \
-            compares handle+len+state+prio (Entry::same_object), but the page can be rewritten \
-            twice meanwhile and get the same freed handle id back (LIFO id reuse): a stale copy \
-            is installed. Reproduces reliably with --release"]
 fn writeback_racing_rewrites_of_one_page() {
     let _wd = Watchdog::new("writeback_racing_rewrites_of_one_page");
     let file = TempFile::new("aba");
@@ -481,10 +477,6 @@ fn same_len_version(v: u64) -> [u8; PAGE_SIZE] {
 /// Single writer rewriting one page twice in a row while another thread recompresses it: a
 /// read must return exactly what the writer last wrote.
 #[test]
-#[ignore = "BUG (device.rs recompress): same ABA as writeback: the re-check after the \
-            unlocked recompression (Entry::same_object) accepts a slot rewritten twice that \
-            got the same handle id back with an equal compressed length; the stale \
-            recompressed copy replaces the newest data. Reproduces reliably with --release"]
 fn recompress_racing_rewrites_of_one_page() {
     let _wd = Watchdog::new("recompress_racing_rewrites_of_one_page");
     let dev = Device::new(
