@@ -39,6 +39,14 @@ fn pages() -> Vec<[u8; PAGE_SIZE]> {
         .collect()
 }
 
+/// Each page as the stream's primary algorithm compresses it.
+fn compress_all(stream: &mut zcomp::Stream, pages: &[[u8; PAGE_SIZE]]) -> Vec<Vec<u8>> {
+    pages
+        .iter()
+        .map(|p| stream.compress(p).unwrap().to_vec())
+        .collect()
+}
+
 fn compress(c: &mut Criterion) {
     let pages = pages();
     for &(name, params, level) in BACKENDS {
@@ -93,10 +101,7 @@ fn decompress(c: &mut Criterion) {
     for &(name, params, level) in BACKENDS {
         let comp = Comp::parse(params, &[]).unwrap();
         let mut stream = comp.new_stream().unwrap();
-        let compressed: Vec<Vec<u8>> = pages
-            .iter()
-            .map(|p| stream.compress(p).unwrap().to_vec())
-            .collect();
+        let compressed = compress_all(&mut stream, &pages);
 
         let mut group = c.benchmark_group(format!("decompress/{name}"));
         let mut dst = [0u8; PAGE_SIZE];
@@ -168,10 +173,7 @@ fn overhead(_: &mut Criterion) {
     for &(name, params, level) in BACKENDS {
         let comp = Comp::parse(params, &[]).unwrap();
         let mut stream = comp.new_stream().unwrap();
-        let compressed: Vec<Vec<u8>> = pages
-            .iter()
-            .map(|p| stream.compress(p).unwrap().to_vec())
-            .collect();
+        let compressed = compress_all(&mut stream, &pages);
         let mut buf = vec![0u8; BUFFER_SIZE];
         let mut dst = [0u8; PAGE_SIZE];
         let (c, d) = match level {

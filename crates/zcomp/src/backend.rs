@@ -117,20 +117,27 @@ pub struct Zstd {
     dict: Option<Arc<[u8]>>,
 }
 
+/// Checks `level` against the range the linked libzstd accepts.
+pub(crate) fn check_zstd_level(level: i32) -> Result<(), ConfigError> {
+    let range = zstd::compression_level_range();
+    if range.contains(&level) {
+        Ok(())
+    } else {
+        Err(ConfigError::LevelOutOfRange {
+            level,
+            min: *range.start(),
+            max: *range.end(),
+        })
+    }
+}
+
 impl Zstd {
     /// A zstd backend at `level` with an optional dictionary (zstd-format or raw content).
     ///
     /// Makes one context to check that libzstd accepts the level and the dictionary, so that a
     /// bad configuration fails here and not in a worker.
     pub fn new(level: i32, dict: Option<Vec<u8>>) -> Result<Self, ConfigError> {
-        let range = zstd::compression_level_range();
-        if !range.contains(&level) {
-            return Err(ConfigError::LevelOutOfRange {
-                level,
-                min: *range.start(),
-                max: *range.end(),
-            });
-        }
+        check_zstd_level(level)?;
         let zstd = Zstd {
             level,
             dict: dict.map(Arc::from),

@@ -135,14 +135,7 @@ impl Params {
             }
             Algorithm::Zstd => {
                 if let Some(level) = self.level {
-                    let range = zstd::compression_level_range();
-                    if !range.contains(&level) {
-                        return Err(ConfigError::LevelOutOfRange {
-                            level,
-                            min: *range.start(),
-                            max: *range.end(),
-                        });
-                    }
+                    crate::backend::check_zstd_level(level)?;
                 }
             }
         }
