@@ -88,6 +88,33 @@ pub fn might_sleep() {
     }
 }
 
+/// How a thread waits for a lock word that another thread holds for a short while (a zspage
+/// being compacted, a slot being decoded): a few spins, then it yields the CPU on every retry,
+/// so that on a machine with fewer cores than threads the holder gets to run.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    spins: u32,
+}
+
+impl Backoff {
+    const SPINS: u32 = 64;
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Waits a little before the next try.
+    #[inline]
+    pub fn snooze(&mut self) {
+        if self.spins < Self::SPINS {
+            self.spins += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -106,7 +106,7 @@ pub struct SlotGuard<'a> {
 
 impl Slot {
     pub fn lock(&self) -> SlotGuard<'_> {
-        let mut spins = 0u32;
+        let mut backoff = preempt::Backoff::new();
         loop {
             let meta = self.meta.load(Relaxed);
             if meta & LOCK == 0 {
@@ -123,11 +123,8 @@ impl Slot {
                         },
                     };
                 }
-            } else if spins < 100 {
-                spins += 1;
-                std::hint::spin_loop();
             } else {
-                std::thread::yield_now();
+                backoff.snooze();
             }
         }
     }

@@ -22,6 +22,18 @@ fn one_thread_ops(pool: &Pool, sizes: &[usize], start: usize, iters: u64) {
     }
 }
 
+/// Wall time for `threads` threads each running `work(thread index)`.
+fn on_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let work = &work;
+            s.spawn(move || work(t));
+        }
+    });
+    start.elapsed()
+}
+
 fn ops(c: &mut Criterion) {
     let pool = Pool::new(Config::default()).unwrap();
     let sizes = swap_object_sizes(16384, pool.huge_class_size());
@@ -40,14 +52,7 @@ fn ops(c: &mut Criterion) {
         g.throughput(Throughput::Elements(threads as u64));
         g.bench_function(format!("{threads}_threads"), |b| {
             b.iter_custom(|iters| {
-                let start = Instant::now();
-                std::thread::scope(|s| {
-                    for t in 0..threads {
-                        let (pool, sizes) = (&pool, &sizes);
-                        s.spawn(move || one_thread_ops(pool, sizes, t * 7919, iters));
-                    }
-                });
-                start.elapsed()
+                on_threads(threads, |t| one_thread_ops(&pool, &sizes, t * 7919, iters))
             })
         });
     }
@@ -66,20 +71,14 @@ fn machine_baseline(c: &mut Criterion) {
         g.throughput(Throughput::Elements(threads as u64));
         g.bench_function(format!("{threads}_threads"), |b| {
             b.iter_custom(|iters| {
-                let start = Instant::now();
-                std::thread::scope(|s| {
-                    for _ in 0..threads {
-                        s.spawn(move || {
-                            let src = [1u8; PAGE_SIZE];
-                            let mut dst = [0u8; PAGE_SIZE];
-                            for _ in 0..iters {
-                                dst.copy_from_slice(black_box(&src));
-                                black_box(&mut dst);
-                            }
-                        });
+                on_threads(threads, |_| {
+                    let src = [1u8; PAGE_SIZE];
+                    let mut dst = [0u8; PAGE_SIZE];
+                    for _ in 0..iters {
+                        dst.copy_from_slice(black_box(&src));
+                        black_box(&mut dst);
                     }
-                });
-                start.elapsed()
+                })
             })
         });
     }

@@ -579,11 +579,11 @@ impl Pool {
 
     // ---- object access -----------------------------------------------------------------
 
-    /// Pins `h` with `set` (a reader or the writer bit), then read-locks the zspage that holds
+    /// Pins `h` as a reader or as its writer, then read-locks the zspage that holds
     /// its object, retrying if compaction moved it meanwhile. Returns the entry and the zspage.
     fn pin_and_lock(&self, h: Handle, writer: bool) -> (u64, &ZsPage) {
         let ent = self.entry(h);
-        let mut spins = 0u32;
+        let mut backoff = preempt::Backoff::new();
         loop {
             let e = ent.load(Acquire);
             assert!(e & entry::ALLOC != 0, "access to unallocated handle {h:?}");
@@ -596,10 +596,7 @@ impl Pool {
                 e | entry::WRITER
             } else if e & entry::READERS == entry::READERS {
                 // 63 concurrent readers of one object: wait for one to finish.
-                spins += 1;
-                if spins > 64 {
-                    std::thread::yield_now();
-                }
+                backoff.snooze();
                 continue;
             } else {
                 e + entry::READER

@@ -58,7 +58,7 @@ impl ZsPage {
     /// Takes the lock shared. Waits only while compaction holds it, which is brief and bounded.
     #[inline]
     pub fn read_lock(&self) {
-        let mut spins = 0u32;
+        let mut backoff = preempt::Backoff::new();
         loop {
             let v = self.lock.load(Relaxed);
             if v & WRITER == 0 {
@@ -69,11 +69,8 @@ impl ZsPage {
                 {
                     return;
                 }
-            } else if spins < 64 {
-                spins += 1;
-                std::hint::spin_loop();
             } else {
-                std::thread::yield_now();
+                backoff.snooze();
             }
         }
     }
