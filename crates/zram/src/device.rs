@@ -863,6 +863,11 @@ mod tests {
         assert_eq!(dev.stats().mm_stat.mem_used_max, 0);
     }
 
+    fn recompress_idle(dev: &Device, s: &mut Stream) -> RecompressResult {
+        dev.recompress(PageFilter::Idle, None, None, Priority::new(1).unwrap(), s)
+            .unwrap()
+    }
+
     #[test]
     fn recompression_keeps_only_smaller_classes_and_pages_stay_readable() {
         let st = store(4096);
@@ -878,15 +883,7 @@ mod tests {
             .collect();
         let before = dev.stats().mm_stat;
         assert!(dev.mark_idle(None) > 200);
-        let r = dev
-            .recompress(
-                PageFilter::Idle,
-                None,
-                None,
-                Priority::new(1).unwrap(),
-                &mut s,
-            )
-            .unwrap();
+        let r = recompress_idle(&dev, &mut s);
         assert!(r.tried > 0 && r.recompressed > r.tried / 2, "{r:?}");
         let after = dev.stats().mm_stat;
         assert!(after.compr_data_size < before.compr_data_size);
@@ -896,15 +893,7 @@ mod tests {
         }
         // Pages already recompressed, or that did not shrink, are not tried again.
         dev.mark_idle(None);
-        let again = dev
-            .recompress(
-                PageFilter::Idle,
-                None,
-                None,
-                Priority::new(1).unwrap(),
-                &mut s,
-            )
-            .unwrap();
+        let again = recompress_idle(&dev, &mut s);
         assert_eq!(again.recompressed, 0);
         assert!(
             dev.recompress(PageFilter::Idle, None, None, Priority::PRIMARY, &mut s)

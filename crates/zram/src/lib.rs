@@ -93,8 +93,12 @@ impl Store {
             }
             e => Error::Alloc(e),
         })?;
-        self.max_used_pages
-            .fetch_max(self.pool.pages_used() as u64, Relaxed);
+        // Read first: a read-modify-write on every page written would bounce this cache line
+        // between the workers even when the mark does not move.
+        let used = self.pool.pages_used() as u64;
+        if used > self.max_used_pages.load(Relaxed) {
+            self.max_used_pages.fetch_max(used, Relaxed);
+        }
         Ok(h)
     }
 

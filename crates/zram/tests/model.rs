@@ -1,13 +1,13 @@
 //! Model test: random operation sequences on a small device, checked against a plain
 //! `Vec<u8>` disk and against the device's own statistics.
 
+mod common;
+
+use common::{TempFile, comp, store};
 use pagemix::{PageKind, SplitMix64, fill_kind};
 use proptest::prelude::*;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use zcomp::{Comp, Priority, Stream};
-use zram::{Config, Device, Error, PAGE_SIZE, PageFilter, Store};
+use zcomp::{Priority, Stream};
+use zram::{Config, Device, Error, PAGE_SIZE, PageFilter};
 
 const PAGES: u64 = 64;
 const SECTOR: u64 = 512;
@@ -123,39 +123,6 @@ fn bytes_of(kind: usize, seed: u64, len: usize) -> Vec<u8> {
 
 fn same_filled(page: &[u8]) -> bool {
     page.chunks_exact(8).all(|w| w == &page[..8])
-}
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(tag: &str) -> TempFile {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        TempFile(
-            std::env::temp_dir().join(format!("vzram-{tag}-{}-{n}.backing", std::process::id())),
-        )
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn comp() -> Arc<Comp> {
-    Arc::new(Comp::parse("lz4", &["algo=zstd level=9 priority=1"]).expect("lz4 + zstd"))
-}
-
-fn store() -> Arc<Store> {
-    Arc::new(
-        Store::new(zsmalloc::Config {
-            capacity_pages: 4096,
-            page_limit: 4096,
-            ..Default::default()
-        })
-        .expect("store"),
-    )
 }
 
 struct Model {
@@ -320,8 +287,8 @@ fn run_op(dev: &Device, m: &mut Model, st: &mut Stream, op: &Op) -> Result<(), T
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let file = TempFile::new("model");
     let dev = Device::new(
-        store(),
-        comp(),
+        store(4096),
+        comp(9),
         Config {
             size: PAGES * PAGE_SIZE as u64,
             backing_file: Some(file.0.clone()),

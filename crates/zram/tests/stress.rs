@@ -1,10 +1,12 @@
 //! Multi-threaded stress: workers writing, reading and verifying pages while maintenance
 //! (compaction, idle marking, recompression, writeback) runs alongside.
 
+mod common;
+
+use common::{TempFile, comp, store};
 use pagemix::{PageKind, SplitMix64, fill_kind};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 use zcomp::{Comp, Priority, Stream};
@@ -40,40 +42,6 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
-}
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(tag: &str) -> TempFile {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        TempFile(std::env::temp_dir().join(format!(
-            "vzram-stress-{tag}-{}-{n}.backing",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn comp() -> Arc<Comp> {
-    Arc::new(Comp::parse("lz4", &["algo=zstd level=3 priority=1"]).expect("lz4 + zstd"))
-}
-
-fn store() -> Arc<Store> {
-    Arc::new(
-        Store::new(zsmalloc::Config {
-            capacity_pages: 8192,
-            page_limit: 8192,
-            ..Default::default()
-        })
-        .expect("store"),
-    )
 }
 
 const SAME_MARK: u64 = 0x5A5A << 48;
@@ -274,7 +242,7 @@ fn maintain(dev: &Device, stop: &AtomicBool) -> u64 {
 fn device(store: Arc<Store>, pages: u64, file: &TempFile) -> Device {
     Device::new(
         store,
-        comp(),
+        comp(3),
         Config {
             size: pages * PAGE_SIZE as u64,
             backing_file: Some(file.0.clone()),
@@ -299,7 +267,7 @@ fn one_device_three_workers_and_maintenance() {
     let _wd = Watchdog::new("one_device_three_workers_and_maintenance");
     let file = TempFile::new("one");
     // 3 x 64 own pages + 16 shared.
-    let dev = device(store(), 208, &file);
+    let dev = device(store(8192), 208, &file);
     let stop = AtomicBool::new(false);
     let shared = 192..208;
     let (tallies, rounds) = thread::scope(|s| {
@@ -344,7 +312,7 @@ fn one_device_three_workers_and_maintenance() {
 #[test]
 fn two_devices_share_one_store() {
     let _wd = Watchdog::new("two_devices_share_one_store");
-    let store = store();
+    let store = store(8192);
     let (fa, fb) = (TempFile::new("a"), TempFile::new("b"));
     // 2 x 48 own pages + 8 shared, per device.
     let a = device(store.clone(), 104, &fa);
@@ -418,7 +386,7 @@ fn two_devices_share_one_store() {
 fn writeback_racing_rewrites_of_one_page() {
     let _wd = Watchdog::new("writeback_racing_rewrites_of_one_page");
     let file = TempFile::new("aba");
-    let dev = device(store(), 4, &file);
+    let dev = device(store(8192), 4, &file);
     let stop = AtomicBool::new(false);
     let failures = thread::scope(|s| {
         s.spawn(|| {
@@ -480,7 +448,7 @@ fn same_len_version(v: u64) -> [u8; PAGE_SIZE] {
 fn recompress_racing_rewrites_of_one_page() {
     let _wd = Watchdog::new("recompress_racing_rewrites_of_one_page");
     let dev = Device::new(
-        store(),
+        store(8192),
         Arc::new(Comp::parse("lz4", &["algo=zstd level=19 priority=1"]).expect("comp")),
         Config {
             size: 4 * PAGE_SIZE as u64,
