@@ -1,0 +1,7 @@
+//! vzram: a vhost-user-blk daemon that serves compressed-RAM swap disks to virtual machines.
+//!
+//! The store (`zram`) outlives vhost-user connections; this crate adds virtio-blk request
+//! handling, the vhost-user backend, the daemon lifecycle, and the control plane.
+
+pub mod counters;
+pub mod served;
