@@ -3,5 +3,10 @@
 //! The store (`zram`) outlives vhost-user connections; this crate adds virtio-blk request
 //! handling, the vhost-user backend, the daemon lifecycle, and the control plane.
 
+pub mod backend;
+pub mod blk;
+pub mod cli;
 pub mod counters;
+pub mod daemon;
+pub mod ratelimit;
 pub mod served;

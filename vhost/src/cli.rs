@@ -1,0 +1,398 @@
+//! `vzram serve`: arguments, `--device` specs, and building the store and devices from them.
+
+use crate::blk::{BlkGeometry, PAGE_SIZE};
+use crate::served::Served;
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Most queues a device offers: QEMU's default `num-queues` is the VM's vCPU count, so offer
+/// plenty. Worker threads idle on an eventfd until their queue is used; streams are made
+/// lazily.
+pub const DEFAULT_NUM_QUEUES: u16 = 16;
+/// The vhost-user backend library maps queues to threads with a 64-bit mask.
+pub const MAX_NUM_QUEUES: u16 = 64;
+
+#[derive(Debug, Args)]
+#[command(after_long_help = SERVE_EXAMPLES)]
+pub struct ServeArgs {
+    /// vhost-user socket to listen on (QEMU: -chardev socket,path=...). One device.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "size",
+        conflicts_with = "device"
+    )]
+    pub socket: Option<PathBuf>,
+
+    /// Disk size with K/M/G/T suffix, a multiple of 4 KiB (like zram's disksize).
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    pub size: Option<u64>,
+
+    /// Several devices sharing one pool and memory limit, each
+    /// `socket=PATH,size=SIZE[,name=NAME][,readonly][,serial=ID][,backing-file=PATH][,blk-size=512|4096][,num-queues=N]`.
+    /// Repeat for every device; options not given take the values of the flags below.
+    #[arg(long, value_name = "SPEC", value_parser = parse_device_spec)]
+    pub device: Vec<DeviceSpec>,
+
+    /// Queues each device offers (the guest may use fewer; QEMU's default is one per vCPU).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_NUM_QUEUES,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_NUM_QUEUES)))]
+    pub num_queues: u16,
+
+    /// Entries per virtqueue the device accepts (a power of two, up to 1024).
+    #[arg(long, value_name = "Q", default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Compression algorithm for every page, as zram's comp_algorithm: lz4, zstd, zstd:LEVEL,
+    /// or `algo=zstd level=3 dict=PATH`.
+    #[arg(long, value_name = "ALGO", default_value = "lz4", value_parser = parse_algorithm)]
+    pub comp: String,
+
+    /// Secondary algorithm for recompression (`vzram recompress`), as zram's
+    /// recomp_algorithm; repeat for up to three, in priority order (1, 2, 3).
+    #[arg(long, value_name = "ALGO", value_parser = parse_algorithm)]
+    pub recomp: Vec<String>,
+
+    /// Most host memory the pool may use for all devices together (K/M/G); writes beyond
+    /// it fail with an I/O error in the guest. 0 = no limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem_size, default_value = "0")]
+    pub mem_limit: u64,
+
+    /// File that `vzram writeback` moves idle or huge pages to (created sparse).
+    #[arg(long, value_name = "PATH")]
+    pub backing_file: Option<PathBuf>,
+
+    /// Offer the disk read-only (VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Serial number the guest reads (GET_ID; /sys/block/vdX/serial), at most 20 bytes.
+    #[arg(long, value_name = "ID", value_parser = parse_serial)]
+    pub serial: Option<String>,
+
+    /// Logical block size the guest uses: 4096 (pages, the default) or 512.
+    #[arg(long, value_name = "BYTES", default_value_t = 4096, value_parser = parse_blk_size)]
+    pub blk_size: u32,
+
+    /// Mode of the vhost-user sockets, octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
+    /// Control socket for `vzram stat` and friends [default: vzram.ctl beside the first
+    /// device socket].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Longest zspage chain of the allocator, in pages (4..=16; Linux uses 8).
+    #[arg(long, value_name = "PAGES", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(4..=16))]
+    pub max_chain: u16,
+
+    /// Run background compaction when this many pool pages could be freed by it (0 = never).
+    #[arg(long, value_name = "PAGES", default_value_t = 2048)]
+    pub compact_threshold: u64,
+}
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  vzram serve --socket /run/vzram/vz0.sock --size 8G --mem-limit 4G
+  vzram serve --comp zstd:3 --recomp zstd:9 \\
+      --device socket=/run/vzram/vm1.sock,size=4G --device socket=/run/vzram/vm2.sock,size=4G
+
+Then in QEMU (guest memory must be shared):
+  -object memory-backend-memfd,id=mem,size=4G,share=on -numa node,memdev=mem
+  -chardev socket,id=vz0,path=/run/vzram/vz0.sock,reconnect=1
+  -device vhost-user-blk-pci,chardev=vz0,num-queues=4
+and in the guest: echo 0 > /sys/block/vda/queue/rotational; mkswap /dev/vda; swapon --discard /dev/vda";
+
+/// One device as given by `--device` or by `--socket` + `--size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub socket: PathBuf,
+    pub size: u64,
+    pub name: Option<String>,
+    pub readonly: Option<bool>,
+    pub serial: Option<String>,
+    pub backing_file: Option<PathBuf>,
+    pub blk_size: Option<u32>,
+    pub num_queues: Option<u16>,
+}
+
+fn parse_disk_size(s: &str) -> Result<u64, String> {
+    let n = zram::parse_size(s).map_err(|e| e.to_string())?;
+    if n == 0 || n % PAGE_SIZE != 0 {
+        return Err(format!(
+            "{s:?}: a disk size must be a non-zero multiple of 4 KiB"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_mem_size(s: &str) -> Result<u64, String> {
+    zram::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(q) if q.is_power_of_two() && (2..=1024).contains(&q) => Ok(q),
+        _ => Err(format!(
+            "{s:?}: the queue size must be a power of two from 2 to 1024"
+        )),
+    }
+}
+
+fn parse_blk_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" | "4K" | "4k" => Ok(4096),
+        _ => Err(format!("{s:?}: the block size must be 512 or 4096")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?}: expected an octal mode such as 0600"))
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > 20 {
+        return Err(format!("{s:?}: a serial has at most 20 bytes"));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_algorithm(s: &str) -> Result<String, String> {
+    // Build the backend once to reject a bad name, level or dictionary before serving.
+    zcomp::Comp::parse(s, &[]).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
+    let (mut socket, mut size) = (None, None);
+    let mut spec = DeviceSpec {
+        socket: PathBuf::new(),
+        size: 0,
+        name: None,
+        readonly: None,
+        serial: None,
+        backing_file: None,
+        blk_size: None,
+        num_queues: None,
+    };
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').unwrap_or((part, ""));
+        let need = |v: &str| {
+            if v.is_empty() {
+                Err(format!("{key}= needs a value"))
+            } else {
+                Ok(v.to_string())
+            }
+        };
+        match key {
+            "socket" => socket = Some(PathBuf::from(need(value)?)),
+            "size" => size = Some(parse_disk_size(value)?),
+            "name" => spec.name = Some(need(value)?),
+            "readonly" => {
+                spec.readonly = Some(match value {
+                    "" | "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    _ => return Err(format!("readonly={value}: expected on or off")),
+                })
+            }
+            "serial" => spec.serial = Some(parse_serial(value)?),
+            "backing-file" => spec.backing_file = Some(PathBuf::from(need(value)?)),
+            "blk-size" => spec.blk_size = Some(parse_blk_size(value)?),
+            "num-queues" => {
+                spec.num_queues = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| (1..=MAX_NUM_QUEUES).contains(n))
+                        .ok_or_else(|| {
+                            format!("num-queues={value}: expected 1..={MAX_NUM_QUEUES}")
+                        })?,
+                )
+            }
+            _ => {
+                return Err(format!(
+                    "unknown key {key:?} (known: socket, size, name, readonly, serial, backing-file, blk-size, num-queues)"
+                ));
+            }
+        }
+    }
+    spec.socket = socket.ok_or("socket=PATH is required")?;
+    spec.size = size.ok_or("size=SIZE is required")?;
+    Ok(spec)
+}
+
+/// What `serve` builds: one store and the devices on it.
+#[derive(Debug)]
+pub struct Built {
+    pub store: Arc<zram::Store>,
+    pub devices: Vec<(Arc<Served>, BlkGeometry)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("give --socket and --size, or at least one --device")]
+    NoDevice,
+    #[error("two devices use the socket {0}")]
+    DuplicateSocket(PathBuf),
+    #[error("two devices are named {0}")]
+    DuplicateName(String),
+    #[error("compression: {0}")]
+    Comp(#[from] zcomp::ConfigError),
+    #[error("device {name}: {source}")]
+    Device { name: String, source: zram::Error },
+    #[error("store: {0}")]
+    Store(zram::Error),
+}
+
+impl ServeArgs {
+    /// The devices to serve, with defaults filled in from the flags.
+    pub fn specs(&self) -> Result<Vec<DeviceSpec>, BuildError> {
+        let mut specs = self.device.clone();
+        if let (Some(socket), Some(size)) = (&self.socket, self.size) {
+            specs.push(DeviceSpec {
+                socket: socket.clone(),
+                size,
+                name: None,
+                readonly: None,
+                serial: None,
+                backing_file: None,
+                blk_size: None,
+                num_queues: None,
+            });
+        }
+        if specs.is_empty() {
+            return Err(BuildError::NoDevice);
+        }
+        for (i, spec) in specs.iter_mut().enumerate() {
+            spec.name.get_or_insert_with(|| format!("vz{i}"));
+            spec.readonly.get_or_insert(self.readonly);
+            spec.blk_size.get_or_insert(self.blk_size);
+            spec.num_queues.get_or_insert(self.num_queues);
+            if spec.backing_file.is_none() && i == 0 {
+                spec.backing_file = self.backing_file.clone();
+            }
+            if spec.serial.is_none() {
+                spec.serial = Some(
+                    self.serial
+                        .clone()
+                        .unwrap_or_else(|| format!("vzram-{}", spec.name.as_ref().unwrap())),
+                );
+            }
+        }
+        for (i, a) in specs.iter().enumerate() {
+            for b in &specs[..i] {
+                if a.socket == b.socket {
+                    return Err(BuildError::DuplicateSocket(a.socket.clone()));
+                }
+                if a.name == b.name {
+                    return Err(BuildError::DuplicateName(a.name.clone().unwrap()));
+                }
+            }
+        }
+        Ok(specs)
+    }
+
+    /// Builds the shared store and the devices.
+    pub fn build(&self) -> Result<Built, BuildError> {
+        let specs = self.specs()?;
+        let recomp: Vec<&str> = self.recomp.iter().map(String::as_str).collect();
+        let comp = Arc::new(zcomp::Comp::parse(&self.comp, &recomp)?);
+        let pool = zsmalloc::Config {
+            max_chain: usize::from(self.max_chain),
+            ..zsmalloc::Config::default()
+        };
+        let store = Arc::new(zram::Store::new(pool).map_err(BuildError::Store)?);
+        store.set_mem_limit(self.mem_limit);
+        let mut devices = Vec::new();
+        for spec in specs {
+            let name = spec.name.clone().unwrap();
+            let device = zram::Device::new(
+                store.clone(),
+                comp.clone(),
+                zram::Config {
+                    size: spec.size,
+                    backing_file: spec.backing_file.clone(),
+                },
+            )
+            .map_err(|source| BuildError::Device {
+                name: name.clone(),
+                source,
+            })?;
+            let num_queues = spec.num_queues.unwrap();
+            let served = Served::new(
+                name,
+                spec.socket.clone(),
+                Arc::new(device),
+                usize::from(num_queues),
+                spec.readonly.unwrap(),
+                spec.serial.clone().unwrap(),
+            );
+            let blk = BlkGeometry {
+                size: spec.size,
+                blk_size: spec.blk_size.unwrap(),
+                num_queues,
+                queue_size: self.queue_size,
+            };
+            devices.push((served, blk));
+        }
+        Ok(Built { store, devices })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_spec_parses_every_key() {
+        let d = parse_device_spec(
+            "socket=/tmp/a.sock,size=1G,name=vm1,readonly,serial=abc,backing-file=/tmp/b,blk-size=512,num-queues=4",
+        )
+        .unwrap();
+        assert_eq!(d.socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(d.size, 1 << 30);
+        assert_eq!(d.name.as_deref(), Some("vm1"));
+        assert_eq!(d.readonly, Some(true));
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert_eq!(d.blk_size, Some(512));
+        assert_eq!(d.num_queues, Some(4));
+    }
+
+    #[test]
+    fn device_spec_errors_are_clear() {
+        for (spec, needle) in [
+            ("size=1G", "socket=PATH is required"),
+            ("socket=/a", "size=SIZE is required"),
+            ("socket=/a,size=1000", "multiple of 4 KiB"),
+            ("socket=/a,size=1G,colour=red", "unknown key \"colour\""),
+            ("socket=/a,size=1G,num-queues=0", "num-queues=0"),
+            ("socket=,size=1G", "socket= needs a value"),
+            (
+                "socket=/a,size=1G,serial=123456789012345678901",
+                "at most 20 bytes",
+            ),
+        ] {
+            let e = parse_device_spec(spec).unwrap_err();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn value_parsers_reject_nonsense() {
+        assert!(parse_queue_size("100").is_err());
+        assert_eq!(parse_queue_size("128"), Ok(128));
+        assert!(parse_mode("0999").is_err());
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert!(parse_algorithm("lz5").is_err());
+        assert!(parse_algorithm("zstd:3").is_ok());
+        assert!(parse_disk_size("0").is_err());
+        assert_eq!(parse_disk_size("8G"), Ok(8 << 30));
+    }
+}
