@@ -92,6 +92,7 @@ impl BlkBackend {
                 let size = queue.size();
                 let chain = match queue.iter(mem.memory()) {
                     Ok(mut avail) => avail.next(),
+                    Err(virtio_queue::Error::QueueNotReady) => return Ok(()),
                     Err(e) => {
                         self.mark_broken(q, &e);
                         return Ok(());

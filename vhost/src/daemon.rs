@@ -130,7 +130,11 @@ fn accept_loop(
             served.socket.display()
         );
         match daemon.wait() {
-            Ok(()) => log::info!("{name}: frontend disconnected"),
+            // A VM that exits or is killed just hangs up.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("{name}: frontend disconnected"),
             Err(e) => log::warn!("{name}: connection ended: {e}"),
         }
         served.connected.store(false, Ordering::Relaxed);
