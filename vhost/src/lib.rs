@@ -11,3 +11,4 @@ pub mod counters;
 pub mod daemon;
 pub mod ratelimit;
 pub mod served;
+pub mod table;
