@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod blk;
 pub mod cli;
+pub mod client;
 pub mod control;
 pub mod counters;
 pub mod daemon;
