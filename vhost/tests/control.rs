@@ -1,0 +1,913 @@
+//! The control plane over a real socket: a Server on a temporary path, real stores and
+//! devices, driven through the client API and through raw lines.
+
+use pagemix::PageKind;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+use vzram::client::{Client, ClientCommand, ClientError, Connection, IdleAge, run_to};
+use vzram::control::{
+    CompactReply, ControlError, ControlHandle, IdleReply, MemLimitReply, PageType, RecompressReply,
+    Request, ResetMemUsedMaxReply, Server, ServerConfig, StatReply, WritebackLimitReply,
+    WritebackReply,
+};
+use vzram::served::Served;
+use zram::{Device, PAGE_SIZE, Store};
+
+/// Every answer must come within this; a hang fails the test instead of blocking it.
+const TIMEOUT_SECS: u64 = 60;
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A directory for one test, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vzram-ctl-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct DevSpec {
+    name: &'static str,
+    pages: u64,
+    queues: usize,
+    /// A zstd:9 recompression algorithm at priority 1.
+    recomp: bool,
+    backing: bool,
+}
+
+fn dev(name: &'static str) -> DevSpec {
+    DevSpec {
+        name,
+        pages: 4096,
+        queues: 2,
+        recomp: true,
+        backing: false,
+    }
+}
+
+struct Fixture {
+    store: Arc<Store>,
+    served: Vec<Arc<Served>>,
+    handle: Option<ControlHandle>,
+    socket: PathBuf,
+    dir: TempDir,
+}
+
+impl Fixture {
+    fn new(devices: &[DevSpec]) -> Fixture {
+        Fixture::with(devices, |cfg| cfg.compact_interval = None)
+    }
+
+    /// Devices first, then the server: a test can prepare the store before the control
+    /// plane (and its background compaction) sees it.
+    fn unstarted(devices: &[DevSpec]) -> Fixture {
+        let dir = TempDir::new();
+        let store = Arc::new(
+            Store::new(zsmalloc::Config {
+                capacity_pages: 1 << 16,
+                page_limit: 1 << 16,
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let served = devices
+            .iter()
+            .map(|d| {
+                let comp = if d.recomp {
+                    zcomp::Comp::parse("lz4", &["algo=zstd level=9 priority=1"])
+                } else {
+                    zcomp::Comp::parse("lz4", &[])
+                }
+                .unwrap();
+                let device = Device::new(
+                    store.clone(),
+                    Arc::new(comp),
+                    zram::Config {
+                        size: d.pages * PAGE_SIZE as u64,
+                        backing_file: d.backing.then(|| dir.0.join(format!("{}.backing", d.name))),
+                    },
+                )
+                .unwrap();
+                Served::new(
+                    d.name.into(),
+                    dir.0.join(format!("{}.sock", d.name)),
+                    Arc::new(device),
+                    d.queues,
+                    false,
+                    format!("serial-{}", d.name),
+                )
+            })
+            .collect();
+        Fixture {
+            socket: dir.0.join("vzram.ctl"),
+            store,
+            served,
+            handle: None,
+            dir,
+        }
+    }
+
+    fn with(devices: &[DevSpec], cfg: impl FnOnce(&mut ServerConfig)) -> Fixture {
+        let mut f = Fixture::unstarted(devices);
+        f.start(cfg, || {});
+        f
+    }
+
+    fn start(
+        &mut self,
+        cfg: impl FnOnce(&mut ServerConfig),
+        on_shutdown: impl FnMut() + Send + 'static,
+    ) {
+        let mut config = ServerConfig::new(&self.socket);
+        cfg(&mut config);
+        self.handle = Some(
+            Server::start(config, self.served.clone(), self.store.clone(), on_shutdown).unwrap(),
+        );
+    }
+
+    fn device(&self, i: usize) -> &Device {
+        &self.served[i].device
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket, TIMEOUT_SECS).unwrap()
+    }
+
+    fn conn(&self) -> Connection {
+        Connection {
+            control: Some(self.socket.clone()),
+            timeout: Some(TIMEOUT_SECS),
+        }
+    }
+
+    fn raw(&self) -> Raw {
+        Raw::connect(&self.socket)
+    }
+}
+
+/// A client speaking raw lines.
+struct Raw {
+    reader: BufReader<UnixStream>,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Raw {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(TIMEOUT_SECS)))
+            .unwrap();
+        Raw {
+            reader: BufReader::new(s),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).unwrap();
+    }
+
+    fn answer(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "connection closed without an answer");
+        assert!(line.ends_with('\n'));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    fn ask(&mut self, line: &str) -> Value {
+        self.send(format!("{line}\n").as_bytes());
+        self.answer()
+    }
+}
+
+fn error_of(v: &Value) -> &str {
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v.get("result").is_none(), "{v}");
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {v}"))
+}
+
+/// Writes pages `range` of `kind`.
+fn fill(dev: &Device, range: std::ops::Range<u64>, kind: PageKind) {
+    let mut stream = dev.new_stream();
+    let mut page = [0u8; PAGE_SIZE];
+    for i in range {
+        pagemix::fill_kind(kind, 7, i, &mut page);
+        dev.write_page(i, &page, &mut stream).unwrap();
+    }
+}
+
+fn check_page(dev: &Device, i: u64, kind: PageKind) {
+    let mut stream = dev.new_stream();
+    let mut want = [0u8; PAGE_SIZE];
+    let mut got = [0u8; PAGE_SIZE];
+    pagemix::fill_kind(kind, 7, i, &mut want);
+    dev.read_page(i, &mut got, &mut stream).unwrap();
+    assert!(want == got, "page {i} differs");
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn stat_matches_the_devices() {
+    let f = Fixture::new(&[
+        dev("vz0"),
+        DevSpec {
+            queues: 4,
+            recomp: false,
+            ..dev("vz1")
+        },
+    ]);
+    fill(f.device(0), 0..300, PageKind::Heap);
+    fill(f.device(0), 300..320, PageKind::Same);
+    fill(f.device(0), 320..330, PageKind::Random);
+    fill(f.device(1), 0..50, PageKind::Text);
+    f.served[1].queues[3].requests.store(5, Relaxed);
+    f.served[1].queues[3].write_bytes.store(5 * 4096, Relaxed);
+    f.served[1].connected.store(true, Relaxed);
+    f.served[1].connections.store(2, Relaxed);
+    f.store.set_mem_limit(64 << 20);
+
+    let stat = f.client().stat().unwrap();
+    assert_eq!(stat.devices.len(), 2);
+    for (d, s) in stat.devices.iter().zip(&f.served) {
+        assert_eq!(d.name, s.name);
+        assert_eq!(d.socket, s.socket.display().to_string());
+        assert_eq!(d.streams, s.queues.len());
+        assert_eq!(d.zram, s.device.stats(), "{}", d.name);
+        let queues: Vec<_> = s.queues.iter().map(|q| q.snapshot()).collect();
+        assert_eq!(d.queues, queues);
+    }
+    let (d0, d1) = (&stat.devices[0], &stat.devices[1]);
+    assert_eq!(d0.zram.disksize, 4096 * 4096);
+    assert_eq!(d0.zram.comp_algorithm, "lz4");
+    assert_eq!(d0.zram.mm_stat.orig_data_size, 330 * 4096);
+    assert_eq!(d0.zram.mm_stat.same_pages, 20);
+    assert!(
+        d0.zram.mm_stat.huge_pages >= 10,
+        "the random pages are huge"
+    );
+    assert_eq!(d0.recomp_algorithms.len(), 1);
+    assert_eq!(d0.recomp_algorithms[0].algorithm, "zstd:9");
+    assert_eq!(d0.recomp_algorithms[0].priority, 1);
+    assert!(!d0.connected);
+    assert!(d1.recomp_algorithms.is_empty());
+    assert!(d1.connected);
+    assert_eq!(d1.connections, 2);
+    assert_eq!(d1.streams, 4);
+    assert_eq!(d1.queues[3].requests, 5);
+    assert_eq!(stat.store.mem_limit, 64 << 20);
+    assert_eq!(stat.store.mem_used_total, f.store.mem_used_total());
+    assert_eq!(stat.store.mem_used_max, f.store.mem_used_max());
+    assert_eq!(
+        stat.store.pool.pages_used as u64 * 4096,
+        f.store.mem_used_total()
+    );
+    assert!(stat.store.mem_used_total > 0);
+
+    // The table and the JSON the `vzram stat` command prints.
+    let mut out = Vec::new();
+    run_to(
+        ClientCommand::Stat {
+            json: false,
+            conn: f.conn(),
+        },
+        &mut out,
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.contains("\nvz0 "), "{text}");
+    assert!(
+        text.contains(&d0.zram.mm_stat.orig_data_size.to_string()),
+        "{text}"
+    );
+    assert!(
+        text.contains("vz1: connected (2 connections so far)"),
+        "{text}"
+    );
+    assert!(text.contains("mem_limit 64M"), "{text}");
+    let mut out = Vec::new();
+    run_to(
+        ClientCommand::Stat {
+            json: true,
+            conn: f.conn(),
+        },
+        &mut out,
+    )
+    .unwrap();
+    let parsed: StatReply = serde_json::from_slice(&out).unwrap();
+    assert_eq!(parsed.devices[0].zram, f.device(0).stats());
+    // zram's field names in the JSON, at the device's top level.
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["devices"][0]["mm_stat"]["same_pages"], 20);
+    assert_eq!(v["devices"][0]["disksize"], 4096 * 4096);
+}
+
+#[test]
+fn compact_frees_pages() {
+    let f = Fixture::new(&[dev("vz0")]);
+    let d = f.device(0);
+    fill(d, 0..2000, PageKind::Heap);
+    for i in (0..2000).step_by(2) {
+        d.discard(i, 1).unwrap();
+    }
+    let freeable = f.store.pool().freeable_pages();
+    assert!(freeable > 0, "the test needs a fragmented pool");
+    let used = f.store.mem_used_total();
+
+    let r: CompactReply = f.client().call(&Request::Compact).unwrap();
+    assert!(r.pages_freed > 0);
+    assert_eq!(r.pages_compacted, f.store.pages_compacted());
+    assert_eq!(f.store.mem_used_total(), used - r.pages_freed * 4096);
+    assert!(f.store.pool().freeable_pages() < freeable);
+    for i in (1..2000).step_by(2) {
+        check_page(d, i, PageKind::Heap);
+    }
+    let mut out = Vec::new();
+    run_to(ClientCommand::Compact { conn: f.conn() }, &mut out).unwrap();
+    assert!(
+        String::from_utf8(out)
+            .unwrap()
+            .starts_with("compaction freed")
+    );
+}
+
+#[test]
+fn idle_then_recompress_shrinks_pages() {
+    let f = Fixture::new(&[
+        dev("vz0"),
+        DevSpec {
+            recomp: false,
+            ..dev("plain")
+        },
+    ]);
+    fill(f.device(0), 0..400, PageKind::Text);
+    fill(f.device(1), 0..10, PageKind::Text);
+    let mut c = f.client();
+
+    // Freshly written pages are not an hour old.
+    let r: IdleReply = c
+        .call(&Request::Idle {
+            device: None,
+            age_secs: Some(3600),
+        })
+        .unwrap();
+    assert!(r.devices.iter().all(|d| d.marked == 0), "{r:?}");
+    let r: IdleReply = c
+        .call(&Request::Idle {
+            device: Some("vz0".into()),
+            age_secs: None,
+        })
+        .unwrap();
+    assert_eq!(r.devices.len(), 1);
+    assert_eq!(
+        (r.devices[0].name.as_str(), r.devices[0].marked),
+        ("vz0", 400)
+    );
+
+    let before = f.device(0).stats().mm_stat.compr_data_size;
+    let recompress = |device: Option<&str>, max_pages| Request::Recompress {
+        device: device.map(Into::into),
+        page_type: PageType::Idle,
+        threshold: None,
+        max_pages,
+        priority: None,
+    };
+    let r: RecompressReply = c.call(&recompress(None, Some(100))).unwrap();
+    // Every device was asked; the one without zstd is skipped, not an error.
+    assert_eq!(r.devices.len(), 1);
+    assert_eq!(r.devices[0].name, "vz0");
+    assert_eq!(r.devices[0].tried, 100);
+    assert_eq!(r.skipped.len(), 1);
+    assert_eq!(r.skipped[0].name, "plain");
+    let r: RecompressReply = c.call(&recompress(Some("vz0"), None)).unwrap();
+    assert_eq!(r.devices[0].tried, 300, "the rest of the idle pages");
+    let after = f.device(0).stats().mm_stat.compr_data_size;
+    assert!(
+        after < before,
+        "zstd:9 shrinks text pages: {after} < {before}"
+    );
+    for i in 0..400 {
+        check_page(f.device(0), i, PageKind::Text);
+    }
+
+    // Naming a device that cannot recompress is an error; so is a bad priority.
+    let e = c
+        .call::<Value>(&recompress(Some("plain"), None))
+        .unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(m) if m.contains("plain")),
+        "{e}"
+    );
+    let e = c
+        .call::<Value>(&Request::Recompress {
+            device: None,
+            page_type: PageType::Huge,
+            threshold: None,
+            max_pages: None,
+            priority: Some(0),
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("priority 0"), "{e}");
+
+    // The command-line path prints a line per device.
+    let mut out = Vec::new();
+    run_to(
+        ClientCommand::Idle {
+            age: IdleAge::All,
+            device: None,
+            conn: f.conn(),
+        },
+        &mut out,
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("vz0: 400 pages marked idle"), "{text}");
+    assert!(text.contains("plain: 10 pages marked idle"), "{text}");
+}
+
+#[test]
+fn writeback_moves_pages_to_the_backing_file() {
+    let f = Fixture::new(&[
+        DevSpec {
+            backing: true,
+            ..dev("vz0")
+        },
+        dev("nobacking"),
+    ]);
+    let d = f.device(0);
+    fill(d, 0..100, PageKind::Heap);
+    fill(f.device(1), 0..10, PageKind::Heap);
+    let mut c = f.client();
+    let writeback = |device: Option<&str>, limit_pages| Request::Writeback {
+        device: device.map(Into::into),
+        page_type: PageType::Idle,
+        limit_pages,
+    };
+
+    // Nothing is idle yet.
+    let r: WritebackReply = c.call(&writeback(None, None)).unwrap();
+    assert_eq!(r.devices[0].written, 0);
+    assert_eq!(r.skipped.len(), 1);
+    assert_eq!(r.skipped[0].name, "nobacking");
+
+    c.call::<IdleReply>(&Request::Idle {
+        device: None,
+        age_secs: None,
+    })
+    .unwrap();
+    let r: WritebackReply = c.call(&writeback(None, Some(10))).unwrap();
+    assert_eq!(r.devices[0].written, 10);
+    assert_eq!(d.stats().bd_stat.bd_count, 10);
+    assert_eq!(d.stats().bd_stat.bd_writes, 10);
+
+    // The writeback budget caps the next pass.
+    let r: WritebackLimitReply = c
+        .call(&Request::WritebackLimit {
+            device: Some("vz0".into()),
+            pages: Some(5),
+        })
+        .unwrap();
+    assert_eq!(r.devices, ["vz0"]);
+    let r: WritebackReply = c.call(&writeback(Some("vz0"), None)).unwrap();
+    assert_eq!(r.devices[0].written, 5);
+    c.call::<WritebackLimitReply>(&Request::WritebackLimit {
+        device: None,
+        pages: None,
+    })
+    .unwrap();
+    let r: WritebackReply = c.call(&writeback(Some("vz0"), None)).unwrap();
+    assert_eq!(r.devices[0].written, 85);
+    let stats = d.stats();
+    assert_eq!(stats.bd_stat.bd_count, 100);
+    assert_eq!(stats.mm_stat.compr_data_size, 0);
+    for i in 0..100 {
+        check_page(d, i, PageKind::Heap);
+    }
+    assert_eq!(d.stats().bd_stat.bd_reads, 100);
+
+    let e = c
+        .call::<Value>(&writeback(Some("nobacking"), None))
+        .unwrap_err();
+    assert!(e.to_string().contains("nobacking: no backing file"), "{e}");
+}
+
+#[test]
+fn no_eligible_device_is_an_error() {
+    let f = Fixture::new(&[DevSpec {
+        recomp: false,
+        ..dev("vz0")
+    }]);
+    let mut c = f.client();
+    let e = c
+        .call::<Value>(&Request::Writeback {
+            device: None,
+            page_type: PageType::Huge,
+            limit_pages: None,
+        })
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("no device has a backing file"),
+        "{e}"
+    );
+    let e = c
+        .call::<Value>(&Request::Recompress {
+            device: None,
+            page_type: PageType::Huge,
+            threshold: Some(2000),
+            max_pages: None,
+            priority: None,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("recompression algorithm"), "{e}");
+}
+
+#[test]
+fn mem_limit_and_mem_used_max() {
+    let f = Fixture::new(&[dev("vz0")]);
+    let mut c = f.client();
+    let r: MemLimitReply = c.call(&Request::MemLimit { bytes: 1 << 20 }).unwrap();
+    assert_eq!(r.mem_limit, 1 << 20);
+    assert_eq!(f.store.mem_limit(), 1 << 20);
+    assert_eq!(c.stat().unwrap().store.mem_limit, 1 << 20);
+    // The limit holds: 1 MiB of pool takes far fewer than 2000 pages.
+    let d = f.device(0);
+    let mut stream = d.new_stream();
+    let mut page = [0u8; PAGE_SIZE];
+    let failed = (0..2000)
+        .filter(|&i| {
+            pagemix::fill_kind(PageKind::Random, 1, i, &mut page);
+            d.write_page(i, &page, &mut stream).is_err()
+        })
+        .count();
+    assert!(failed > 0);
+    assert!(f.store.mem_used_total() <= 1 << 20);
+
+    let mut out = Vec::new();
+    run_to(
+        ClientCommand::MemLimit {
+            size: 0,
+            conn: f.conn(),
+        },
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), "mem_limit: none\n");
+    assert_eq!(f.store.mem_limit(), 0);
+
+    // mem_used_max stays at the high-water mark until reset.
+    d.discard(0, 2000).unwrap();
+    f.store.compact();
+    assert!(f.store.mem_used_max() > f.store.mem_used_total());
+    let r: ResetMemUsedMaxReply = c.call(&Request::ResetMemUsedMax).unwrap();
+    assert_eq!(r.mem_used_max, f.store.mem_used_total());
+    assert_eq!(f.store.mem_used_max(), f.store.mem_used_total());
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_server_keeps_answering() {
+    let f = Fixture::new(&[dev("vz0")]);
+    let mut raw = f.raw();
+    // Several requests in one write, one split over two writes, garbage, blank lines.
+    raw.send(b"{\n[1,2]\n{\"cmd\":\"frob\",\"id\":1}\n\n   \r\n");
+    raw.send(b"{\"cmd\":\"idle\",\"device\":\"vz9\"");
+    raw.send(b",\"id\":2}\n\xff\xfe\x00garbage\n{\"cmd\":\"mem_limit\"}\n");
+    raw.send(b"{\"cmd\":\"stat\",\"extra\":true}\n{\"cmd\":\"recompress\",\"type\":\"idle\",\"threshold\":0}\n");
+    raw.send(b"{\"cmd\":\"stat\",\"id\":\"last\"}\n");
+    assert!(error_of(&raw.answer()).starts_with("malformed JSON"));
+    assert!(error_of(&raw.answer()).contains("must be a JSON object"));
+    let a = raw.answer();
+    assert!(error_of(&a).contains("unknown command \"frob\""));
+    assert_eq!(a["id"], 1);
+    let a = raw.answer();
+    assert!(error_of(&a).contains("unknown device \"vz9\" (devices: vz0)"));
+    assert_eq!(a["id"], 2);
+    assert!(error_of(&raw.answer()).starts_with("malformed JSON"));
+    assert!(error_of(&raw.answer()).contains("missing field `bytes`"));
+    assert!(error_of(&raw.answer()).contains("unknown field `extra`"));
+    assert!(error_of(&raw.answer()).contains("threshold 0"));
+    let a = raw.answer();
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["id"], "last");
+    assert_eq!(a["result"]["devices"][0]["name"], "vz0");
+    assert!(a.get("error").is_none());
+
+    // The same through the client API and the command-line path.
+    let e = f
+        .client()
+        .call::<Value>(&Request::Idle {
+            device: Some("nope".into()),
+            age_secs: None,
+        })
+        .unwrap_err();
+    assert!(matches!(&e, ClientError::Server(m) if m.contains("unknown device \"nope\"")));
+    let e = run_to(
+        ClientCommand::WritebackLimit {
+            pages: vzram::client::WritebackBudget(Some(1)),
+            device: Some("nope".into()),
+            conn: f.conn(),
+        },
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    assert!(!e.to_string().contains('\n'));
+    assert!(e.to_string().contains("unknown device"), "{e}");
+    assert!(f.client().stat().is_ok());
+}
+
+#[test]
+fn overlong_line_is_refused_and_only_that_connection_closes() {
+    let f = Fixture::new(&[dev("vz0")]);
+    let mut other = f.raw();
+    let mut raw = f.raw();
+    let big = vec![b' '; vzram::control::MAX_LINE + 4096];
+    // The server stops reading at the limit, so the write may fail part-way: fine.
+    let _ = raw.reader.get_mut().write_all(&big);
+    assert!(error_of(&raw.answer()).contains("longer than 65536 bytes"));
+    let mut rest = Vec::new();
+    // After the answer the server closes the connection (EOF, or a reset since it left input
+    // unread).
+    match raw.reader.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty()),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    assert_eq!(other.ask(r#"{"cmd":"stat"}"#)["ok"], true);
+    // A long line under the limit is fine.
+    let mut line = br#"{"cmd":"stat"}"#.to_vec();
+    line.resize(vzram::control::MAX_LINE, b' ');
+    line.push(b'\n');
+    other.send(&line);
+    assert_eq!(other.answer()["ok"], true);
+}
+
+#[test]
+fn many_clients_at_once() {
+    let f = Fixture::new(&[dev("vz0"), dev("vz1")]);
+    fill(f.device(0), 0..200, PageKind::Heap);
+    // Idle connections in the way do not block the others.
+    let idle: Vec<Raw> = (0..20).map(|_| f.raw()).collect();
+    let socket = f.socket.clone();
+    std::thread::scope(|s| {
+        for t in 0..12 {
+            let socket = &socket;
+            s.spawn(move || {
+                let mut c = Client::connect(socket, TIMEOUT_SECS).unwrap();
+                for i in 0..25 {
+                    match (t + i) % 3 {
+                        0 => {
+                            let st = c.stat().unwrap();
+                            assert_eq!(st.devices.len(), 2);
+                        }
+                        1 => {
+                            c.call::<IdleReply>(&Request::Idle {
+                                device: Some("vz1".into()),
+                                age_secs: Some(1000),
+                            })
+                            .unwrap();
+                        }
+                        _ => {
+                            let e = c
+                                .call::<Value>(&Request::Idle {
+                                    device: Some(format!("missing{t}")),
+                                    age_secs: None,
+                                })
+                                .unwrap_err();
+                            assert!(e.to_string().contains(&format!("missing{t}")));
+                        }
+                    }
+                }
+            });
+        }
+        // Pipelining on one connection: answers come in order, ids echoed.
+        s.spawn(|| {
+            let mut raw = Raw::connect(&socket);
+            let batch: String = (0..200)
+                .map(|i| format!("{{\"cmd\":\"stat\",\"id\":{i}}}\n"))
+                .collect();
+            raw.send(batch.as_bytes());
+            for i in 0..200 {
+                let a = raw.answer();
+                assert_eq!(a["ok"], true);
+                assert_eq!(a["id"], i);
+            }
+        });
+    });
+    drop(idle);
+    assert!(f.client().stat().is_ok());
+}
+
+#[test]
+fn clients_that_vanish_do_not_hurt_the_server() {
+    let f = Fixture::new(&[dev("vz0")]);
+    for _ in 0..20 {
+        // Gone mid-line.
+        let mut raw = f.raw();
+        raw.send(br#"{"cmd":"st"#);
+        drop(raw);
+        // Gone without a word.
+        drop(f.raw());
+        // Gone before reading the answer (the server's send fails with EPIPE, which must
+        // not be a SIGPIPE).
+        let mut raw = f.raw();
+        raw.send(b"{\"cmd\":\"stat\"}\n{\"cmd\":\"stat\"}\n{\"cmd\":\"stat\"}\n");
+        drop(raw);
+        // Half-closed after a last request without a newline: still answered.
+        let mut raw = f.raw();
+        raw.send(br#"{"cmd":"stat","id":"eof"}"#);
+        raw.reader
+            .get_ref()
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        let a = raw.answer();
+        assert_eq!(a["id"], "eof");
+        let mut rest = String::new();
+        raw.reader.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "", "closed after the answer");
+    }
+    assert!(f.client().stat().is_ok());
+}
+
+#[test]
+fn socket_mode_replacement_and_removal() {
+    let mut f = Fixture::new(&[dev("vz0")]);
+    let mode = std::fs::metadata(&f.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // No temporary name left next to it.
+    let names: Vec<_> = std::fs::read_dir(&f.dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["vzram.ctl"]);
+
+    // A second server on a live socket is refused and leaves it alone.
+    let e = Server::start(
+        ServerConfig::new(&f.socket),
+        f.served.clone(),
+        f.store.clone(),
+        || {},
+    )
+    .unwrap_err();
+    assert!(matches!(e, ControlError::InUse(_)), "{e}");
+    assert!(f.client().stat().is_ok());
+
+    // Stopping with a client connected: it sees EOF, the socket file goes.
+    let mut raw = f.raw();
+    assert_eq!(raw.ask(r#"{"cmd":"stat"}"#)["ok"], true);
+    f.handle.take().unwrap().stop().unwrap();
+    assert!(!f.socket.exists());
+    let mut rest = Vec::new();
+    raw.reader.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(matches!(
+        Client::connect(&f.socket, 1),
+        Err(ClientError::Connect { .. })
+    ));
+
+    // A stale socket (a crashed daemon's) is replaced; the mode is configurable.
+    drop(std::os::unix::net::UnixListener::bind(&f.socket).unwrap());
+    assert!(f.socket.exists());
+    f.start(|c| c.mode = 0o660, || {});
+    let mode = std::fs::metadata(&f.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660);
+    assert!(f.client().stat().is_ok());
+    drop(f.handle.take());
+    assert!(
+        !f.socket.exists(),
+        "dropping the handle stops the server too"
+    );
+
+    // Anything else at the path is not touched.
+    std::fs::write(&f.socket, b"precious").unwrap();
+    let e = Server::start(
+        ServerConfig::new(&f.socket),
+        f.served.clone(),
+        f.store.clone(),
+        || {},
+    )
+    .unwrap_err();
+    assert!(matches!(e, ControlError::NotASocket(_)), "{e}");
+    assert_eq!(std::fs::read(&f.socket).unwrap(), b"precious");
+}
+
+#[test]
+fn background_compaction_runs_when_enough_is_freeable() {
+    let mut f = Fixture::unstarted(&[dev("vz0")]);
+    let d = f.device(0);
+    fill(d, 0..3000, PageKind::Heap);
+    for i in (0..3000).step_by(2) {
+        d.discard(i, 1).unwrap();
+    }
+    let freeable = f.store.pool().freeable_pages();
+    assert!(freeable > 0, "the test needs a fragmented pool");
+    assert_eq!(f.store.pages_compacted(), 0);
+    f.start(
+        |c| {
+            c.compact_interval = Some(Duration::from_millis(20));
+            c.compact_threshold_pages = 1;
+        },
+        || {},
+    );
+    let mut c = f.client();
+    wait_for("background compaction", || {
+        c.stat().unwrap().store.pages_compacted > 0
+    });
+    assert!(f.store.pool().freeable_pages() < freeable);
+    for i in (1..3000).step_by(2) {
+        check_page(f.device(0), i, PageKind::Heap);
+    }
+}
+
+#[test]
+fn background_compaction_waits_for_its_threshold() {
+    let mut f = Fixture::unstarted(&[dev("vz0")]);
+    let d = f.device(0);
+    fill(d, 0..1000, PageKind::Heap);
+    for i in (0..1000).step_by(2) {
+        d.discard(i, 1).unwrap();
+    }
+    let freeable = f.store.pool().freeable_pages();
+    assert!(freeable > 0);
+    f.start(
+        |c| {
+            c.compact_interval = Some(Duration::from_millis(5));
+            c.compact_threshold_pages = freeable + 1;
+        },
+        || {},
+    );
+    // Many timer ticks: wait until the control thread has been through at least some, by
+    // asking it something after a while (its commands and ticks run on one thread).
+    std::thread::sleep(Duration::from_millis(200));
+    let st = f.client().stat().unwrap();
+    assert_eq!(st.store.pages_compacted, 0);
+    assert_eq!(st.store.freeable_pages, freeable as u64);
+}
+
+#[test]
+fn sigterm_calls_the_shutdown_callback() {
+    let mut f = Fixture::unstarted(&[dev("vz0")]);
+    let (tx, rx) = mpsc::channel();
+    f.start(|_| {}, move || tx.send(()).unwrap());
+    let tid = f.handle.as_ref().unwrap().thread_id();
+    // The test harness runs other threads that do not block SIGTERM, so the signal is sent
+    // to the control thread alone (which blocks it and reads it from its signalfd).
+    // SAFETY: tgkill has no memory-safety preconditions; the thread is alive until stop.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    rx.recv_timeout(DEADLINE).expect("shutdown callback");
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    rx.recv_timeout(DEADLINE)
+        .expect("shutdown callback for SIGINT");
+    // The control plane keeps serving until the daemon stops it.
+    assert!(f.client().stat().is_ok());
+    f.handle.take().unwrap().stop().unwrap();
+    assert!(!f.socket.exists());
+}
+
+#[test]
+fn unreachable_socket_is_a_clear_error() {
+    let dir = TempDir::new();
+    let path = dir.0.join("none.ctl");
+    let e = run_to(
+        ClientCommand::Compact {
+            conn: Connection {
+                control: Some(path.clone()),
+                timeout: None,
+            },
+        },
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ClientError::Connect { .. }));
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(msg.contains("VZRAM_CONTROL"), "{msg}");
+    assert!(!msg.contains('\n'));
+}
