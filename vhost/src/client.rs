@@ -542,6 +542,33 @@ mod tests {
         }
     }
 
+    /// How `main` wires the client in: beside `serve`, flattened into one subcommand list.
+    #[test]
+    fn flattens_beside_serve() {
+        use clap::{CommandFactory, Subcommand};
+        #[derive(Debug, Subcommand)]
+        enum Command {
+            Serve(Box<crate::cli::ServeArgs>),
+            #[command(flatten)]
+            Client(ClientCommand),
+        }
+        #[derive(Debug, Parser)]
+        #[command(name = "vzram")]
+        struct Main {
+            #[command(subcommand)]
+            command: Command,
+        }
+        Main::command().debug_assert();
+        let m = Main::try_parse_from(["vzram", "stat", "--json", "--control", "/x.ctl"]).unwrap();
+        match m.command {
+            Command::Client(ClientCommand::Stat { json, conn }) => {
+                assert!(json);
+                assert_eq!(conn.path(), PathBuf::from("/x.ctl"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn cli_is_consistent() {
         use clap::CommandFactory;
