@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use vzram::cli::ServeArgs;
+use vzram::client::ClientCommand;
+use vzram::control::{self, Server, ServerConfig};
 use vzram::daemon::{DeviceServer, default_control_path};
 
 #[derive(Debug, Parser)]
@@ -25,27 +27,30 @@ struct Cli {
 enum Command {
     /// Serve one or more devices until SIGTERM or SIGINT.
     Serve(Box<ServeArgs>),
+    #[command(flatten)]
+    Client(ClientCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Client(cmd) => match vzram::client::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vzram: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    // Block the shutdown signals before any thread starts, so every thread inherits the mask
-    // and this thread alone receives them in sigwait below.
-    let signals = shutdown_signals();
-    // SAFETY: `signals` is an initialised sigset; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
-    if rc != 0 {
-        eprintln!(
-            "vzram: cannot block signals: {}",
-            std::io::Error::from_raw_os_error(rc)
-        );
+    // Before any thread starts, so that every thread inherits the mask and only the control
+    // thread's signalfd sees SIGTERM/SIGINT.
+    if let Err(e) = control::block_shutdown_signals() {
+        eprintln!("vzram: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
     let built = match args.build() {
@@ -76,32 +81,40 @@ fn serve(args: &ServeArgs) -> ExitCode {
             }
         }
     }
-    let control = args
+    let socket = args
         .control
         .clone()
         .unwrap_or_else(|| default_control_path(&built.devices[0].0.socket));
-    log::debug!("control socket {}", control.display());
-    let mut sig = 0;
-    // SAFETY: both pointers are valid for the call.
-    unsafe { libc::sigwait(&signals, &mut sig) };
-    log::info!("signal {sig}: shutting down");
+    let mut config = ServerConfig::new(socket.clone());
+    config.mode = args.socket_mode;
+    if args.compact_threshold == 0 {
+        config.compact_interval = None;
+    } else {
+        config.compact_threshold_pages =
+            usize::try_from(args.compact_threshold).unwrap_or(usize::MAX);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let devices = built.devices.iter().map(|(s, _)| s.clone()).collect();
+    let _control = match Server::start(config, devices, built.store.clone(), move || {
+        let _ = tx.send(());
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vzram: control socket {}: {e}", socket.display());
+            for s in &servers {
+                let _ = std::fs::remove_file(&s.served().socket);
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = rx.recv();
+    log::info!("shutting down");
     // Guest data lives only in this process; there is nothing to flush. Remove the sockets so
     // that nobody connects to a daemon that is gone.
     for s in &servers {
         let _ = std::fs::remove_file(&s.served().socket);
     }
-    let _ = std::fs::remove_file(&control);
+    let _ = std::fs::remove_file(&socket);
     // Exit without waiting for connected frontends to hang up (dropping the servers would).
     std::process::exit(0)
-}
-
-fn shutdown_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set it is given; sigaddset adds valid signals.
-    unsafe {
-        let mut set = std::mem::zeroed::<libc::sigset_t>();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        set
-    }
 }
