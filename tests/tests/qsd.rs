@@ -59,7 +59,7 @@ fn swap_on_a_vhost_user_disk_with_discard_returns_memory() -> Result<(), RunErro
 
 /// The same with the rotational flag left at 1 (what virtio-blk gets by default): the data
 /// is fine, but swap never discards freed clusters and the host keeps the memory. This is
-/// why a guest must clear the flag for vzram (README, GUESTS.md).
+/// why a guest must clear the flag for vzram (README, "Guest side").
 #[test]
 fn swap_without_clearing_rotational_keeps_host_memory() -> Result<(), RunError> {
     let run = swap(1)?;
