@@ -107,6 +107,8 @@ pub struct Backend {
     disk_file: Option<PathBuf>,
     log: PathBuf,
     proc: Option<Proc>,
+    // Declared last: fields drop in order, so the folder outlives the process using it.
+    _dir: RunDir,
 }
 
 impl Backend {
@@ -122,6 +124,7 @@ impl Backend {
                     disk_file: None,
                     log,
                     proc: None,
+                    _dir: dir.clone(),
                 });
             }
             BackendKind::Qsd => {
@@ -193,6 +196,7 @@ impl Backend {
             disk_file,
             log,
             proc: Some(proc),
+            _dir: dir.clone(),
         })
     }
 

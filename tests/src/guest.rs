@@ -333,6 +333,8 @@ pub struct Guest {
     qemu_log: PathBuf,
     backend_log: Option<PathBuf>,
     _one: MutexGuard<'static, ()>,
+    // Declared after qemu: fields drop in order, so the folder outlives QEMU.
+    _dir: RunDir,
 }
 
 impl Guest {
@@ -411,6 +413,7 @@ impl Guest {
             qemu_log,
             backend_log: backend.log_path().map(Path::to_path_buf),
             _one: one,
+            _dir: dir.clone(),
         })
     }
 

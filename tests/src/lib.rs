@@ -1,7 +1,8 @@
 //! Runs real Linux guests under QEMU for vzram's integration tests.
 //!
 //! A run is three things, each cleaned up when dropped, whatever happens (a failed assertion,
-//! a timeout, a panic): a [`RunDir`] on /dev/shm for sockets, disk files and logs; a
+//! a timeout, a panic): a [`RunDir`] on /dev/shm for sockets, disk files and logs (kept until
+//! the last backend or guest using it is gone); a
 //! [`Backend`] that serves the guest's disk over vhost-user-blk (qemu-storage-daemon, vzram, or
 //! none); and a [`Guest`]: `qemu-system-x86_64` booting the image of `ci/guest-image` with
 //! shared memfd memory, a `vhost-user-blk-pci` disk and `vzram.test=<name>` on the kernel
@@ -46,8 +47,6 @@ pub use proc::{Proc, RunDir};
 pub const MIB: u64 = 1 << 20;
 
 /// A finished run whose backend is still up, for checks after the guest is gone.
-///
-/// Fields drop in order: the backend stops before its folder is removed.
 #[derive(Debug)]
 pub struct Run {
     /// What the guest said.

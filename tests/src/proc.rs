@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -120,13 +121,21 @@ impl Drop for Proc {
     }
 }
 
-/// A folder for one run's sockets, disk files and logs, removed on drop.
+/// A folder for one run's sockets, disk files and logs, removed when the last clone is dropped.
+///
+/// Backends and guests keep a clone, so the folder (and the sockets in it) cannot vanish under
+/// a process that still uses it, whatever order things are dropped in.
 ///
 /// It lives on /dev/shm: a backend's disk file there is in RAM, like vzram's store, and
 /// nothing of a run touches the real disk. Set `VZRAM_GUEST_KEEP=1` to keep it for a post
 /// mortem (its path is printed).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct RunDir {
+    inner: Arc<DirGuard>,
+}
+
+#[derive(Debug)]
+struct DirGuard {
     path: PathBuf,
 }
 
@@ -149,21 +158,23 @@ impl RunDir {
         ));
         fs::create_dir(&path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        Ok(RunDir { path })
+        Ok(RunDir {
+            inner: Arc::new(DirGuard { path }),
+        })
     }
 
     /// The folder.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
     /// A path inside the folder.
     pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.inner.path.join(name)
     }
 }
 
-impl Drop for RunDir {
+impl Drop for DirGuard {
     fn drop(&mut self) {
         if std::env::var_os("VZRAM_GUEST_KEEP").is_some() {
             eprintln!("keeping {}", self.path.display());
@@ -214,7 +225,10 @@ mod tests {
                 .unwrap()
                 .ends_with("unit-test-with-odd-name")
         );
+        let clone = d.clone();
         drop(d);
+        assert!(p.exists(), "removed while a clone lives");
+        drop(clone);
         assert!(!p.exists());
     }
 }
