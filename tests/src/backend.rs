@@ -19,9 +19,10 @@ pub enum BackendKind {
     /// vhost-user-blk, with `discard=unmap` so that discards punch holes in the file (the
     /// reference for what vzram must do).
     Qsd,
-    /// The `vzram` daemon: `vzram serve --socket SOCK --size SIZE [args]`, from `$VZRAM_BIN`
-    /// or `<target dir>/<profile>/vzram`.
+    /// The `vzram` daemon: `vzram serve --socket SOCK --size SIZE [args]`.
     Vzram {
+        /// The binary: [`vzram_bin`] unless set with [`BackendSpec::with_bin`].
+        bin: PathBuf,
         /// Extra arguments after `--size`.
         args: Vec<String>,
     },
@@ -57,15 +58,24 @@ impl BackendSpec {
         }
     }
 
-    /// vzram with a `size`-byte disk, 2 queues, and extra `serve` arguments.
+    /// vzram ([`vzram_bin`]) with a `size`-byte disk, 2 queues, and extra `serve` arguments.
     pub fn vzram(size: u64, args: &[&str]) -> BackendSpec {
         BackendSpec {
             kind: BackendKind::Vzram {
+                bin: vzram_bin(),
                 args: args.iter().map(|s| s.to_string()).collect(),
             },
             size,
             queues: 2,
         }
+    }
+
+    /// Runs `bin` instead of [`vzram_bin`] (Vzram only): another build, or a stand-in.
+    pub fn with_bin(mut self, bin: impl Into<PathBuf>) -> BackendSpec {
+        if let BackendKind::Vzram { bin: b, .. } = &mut self.kind {
+            *b = bin.into();
+        }
+        self
     }
 
     /// Sets the number of queues.
@@ -145,8 +155,7 @@ impl Backend {
                 ));
                 (cmd, Some(file), "qemu-storage-daemon")
             }
-            BackendKind::Vzram { args } => {
-                let bin = vzram_bin();
+            BackendKind::Vzram { bin, args } => {
                 if !bin.is_file() {
                     return Err(RunError::setup(format!(
                         "no vzram binary at {} (build it with `cargo build -p vzram` or set \
