@@ -1,0 +1,268 @@
+//! vhost-user-blk backends the guest's disk is served by.
+
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::RunError;
+use crate::proc::{Proc, RunDir};
+
+/// Which backend serves the guest's disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// No disk: tests that need none (boot, in-guest zram).
+    None,
+    /// `qemu-storage-daemon` exporting a raw file on the run folder (/dev/shm) as
+    /// vhost-user-blk, with `discard=unmap` so that discards punch holes in the file (the
+    /// reference for what vzram must do).
+    Qsd,
+    /// The `vzram` daemon: `vzram serve --socket SOCK --size SIZE [args]`.
+    Vzram {
+        /// The binary: [`vzram_bin`] unless set with [`BackendSpec::with_bin`].
+        bin: PathBuf,
+        /// Extra arguments after `--size`.
+        args: Vec<String>,
+    },
+}
+
+/// What to start: a backend kind, the disk size and the number of virtqueues it offers.
+#[derive(Clone, Debug)]
+pub struct BackendSpec {
+    /// The backend.
+    pub kind: BackendKind,
+    /// Disk size in bytes (a multiple of 1 MiB).
+    pub size: u64,
+    /// Virtqueues the backend offers; QEMU's `num-queues` is set to the same.
+    pub queues: u16,
+}
+
+impl BackendSpec {
+    /// No disk.
+    pub fn none() -> BackendSpec {
+        BackendSpec {
+            kind: BackendKind::None,
+            size: 0,
+            queues: 0,
+        }
+    }
+
+    /// qemu-storage-daemon with a `size`-byte raw file, 2 queues.
+    pub fn qsd(size: u64) -> BackendSpec {
+        BackendSpec {
+            kind: BackendKind::Qsd,
+            size,
+            queues: 2,
+        }
+    }
+
+    /// vzram ([`vzram_bin`]) with a `size`-byte disk, 2 queues, and extra `serve` arguments.
+    pub fn vzram(size: u64, args: &[&str]) -> BackendSpec {
+        BackendSpec {
+            kind: BackendKind::Vzram {
+                bin: vzram_bin(),
+                args: args.iter().map(|s| s.to_string()).collect(),
+            },
+            size,
+            queues: 2,
+        }
+    }
+
+    /// Runs `bin` instead of [`vzram_bin`] (Vzram only): another build, or a stand-in.
+    pub fn with_bin(mut self, bin: impl Into<PathBuf>) -> BackendSpec {
+        if let BackendKind::Vzram { bin: b, .. } = &mut self.kind {
+            *b = bin.into();
+        }
+        self
+    }
+
+    /// Sets the number of queues.
+    pub fn queues(mut self, queues: u16) -> BackendSpec {
+        self.queues = queues;
+        self
+    }
+}
+
+/// The `vzram` binary the Vzram backend runs: `$VZRAM_BIN`, else `vzram` next to the test
+/// executable's profile folder (`<target dir>/debug/vzram` for `cargo test`).
+pub fn vzram_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VZRAM_BIN") {
+        return PathBuf::from(p);
+    }
+    // The test binary is <target>/<profile>/deps/<name>-<hash>.
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join("vzram"))
+        .unwrap_or_else(|| PathBuf::from("target/debug/vzram"))
+}
+
+/// `size` as a QEMU/zram-style size string (`512M` when it is whole MiB, else bytes).
+pub fn size_arg(size: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if size > 0 && size % MIB == 0 {
+        format!("{}M", size / MIB)
+    } else {
+        size.to_string()
+    }
+}
+
+/// A running backend; stopped (by PID) and its socket and disk file removed when dropped.
+#[derive(Debug)]
+pub struct Backend {
+    spec: BackendSpec,
+    socket: Option<PathBuf>,
+    disk_file: Option<PathBuf>,
+    log: PathBuf,
+    proc: Option<Proc>,
+    // Declared last: fields drop in order, so the folder outlives the process using it.
+    _dir: RunDir,
+}
+
+impl Backend {
+    /// Starts the backend in `dir` and waits until its socket exists.
+    pub fn start(dir: &RunDir, spec: BackendSpec) -> Result<Backend, RunError> {
+        let log = dir.join("backend.log");
+        let socket = dir.join("disk.sock");
+        let (cmd, disk_file, name) = match &spec.kind {
+            BackendKind::None => {
+                return Ok(Backend {
+                    spec,
+                    socket: None,
+                    disk_file: None,
+                    log,
+                    proc: None,
+                    _dir: dir.clone(),
+                });
+            }
+            BackendKind::Qsd => {
+                let file = dir.join("disk.raw");
+                File::create(&file)
+                    .and_then(|f| f.set_len(spec.size))
+                    .map_err(|e| RunError::setup(format!("{}: {e}", file.display())))?;
+                let mut cmd = Command::new("qemu-storage-daemon");
+                cmd.arg("--blockdev").arg(format!(
+                    "driver=file,filename={},node-name=disk,discard=unmap",
+                    file.display()
+                ));
+                cmd.arg("--export").arg(format!(
+                    "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},\
+                     writable=on,num-queues={}",
+                    socket.display(),
+                    spec.queues
+                ));
+                (cmd, Some(file), "qemu-storage-daemon")
+            }
+            BackendKind::Vzram { bin, args } => {
+                if !bin.is_file() {
+                    return Err(RunError::setup(format!(
+                        "no vzram binary at {} (build it with `cargo build -p vzram` or set \
+                         VZRAM_BIN)",
+                        bin.display()
+                    )));
+                }
+                let mut cmd = Command::new(bin);
+                cmd.arg("serve")
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("--size")
+                    .arg(size_arg(spec.size))
+                    .args(args);
+                (cmd, None, "vzram")
+            }
+        };
+        let mut cmd = cmd;
+        let out = File::create(&log).map_err(|e| RunError::setup(format!("{e}")))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| RunError::setup(format!("{e}")))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // Both daemons finish in-flight requests and remove their socket on SIGTERM.
+        let mut proc = Proc::spawn(cmd, name, Duration::from_secs(5))
+            .map_err(|e| RunError::setup(e.to_string()))?;
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Some(status) = proc.try_wait() {
+                return Err(RunError::setup(format!(
+                    "{name} exited ({status}) before creating its socket:\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(RunError::setup(format!(
+                    "{name} made no socket in 20 s:\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                )));
+            }
+            sleep(Duration::from_millis(20));
+        }
+        Ok(Backend {
+            spec,
+            socket: Some(socket),
+            disk_file,
+            log,
+            proc: Some(proc),
+            _dir: dir.clone(),
+        })
+    }
+
+    /// What was started.
+    pub fn spec(&self) -> &BackendSpec {
+        &self.spec
+    }
+
+    /// The vhost-user socket (None for [`BackendKind::None`]).
+    pub fn socket(&self) -> Option<&Path> {
+        self.socket.as_deref()
+    }
+
+    /// The backend's PID, if it runs a process.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// True while the backend process runs (always true for None).
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_none_or(|p| p.try_wait().is_none())
+    }
+
+    /// The file that collects the backend's stdout and stderr (None without a process).
+    pub fn log_path(&self) -> Option<&Path> {
+        self.proc.as_ref().map(|_| self.log.as_path())
+    }
+
+    /// The backend's stdout and stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Bytes of memory the disk file holds (Qsd only): what the guest's writes cost and its
+    /// discards gave back. `st_blocks` counts 512-byte units, also on tmpfs.
+    pub fn disk_file_allocated(&self) -> Option<u64> {
+        let f = self.disk_file.as_ref()?;
+        fs::metadata(f).ok().map(|m| m.blocks() * 512)
+    }
+
+    /// Stops the backend (SIGTERM, then SIGKILL after 5 s); returns its log. Drop does the same.
+    pub fn stop(&mut self) -> String {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+        if let Some(s) = &self.socket {
+            let _ = fs::remove_file(s);
+        }
+        if let Some(f) = &self.disk_file {
+            let _ = fs::remove_file(f);
+        }
+        self.log()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

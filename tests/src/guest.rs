@@ -1,0 +1,590 @@
+//! One QEMU guest run: start, read the serial console, collect the result, clean up.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+use crate::image::Image;
+use crate::proc::{Proc, RunDir};
+
+/// The line /init prints once, at the end: `VZRAM-RESULT: PASS <test>` or `... FAIL <test> <why>`.
+pub const RESULT_MARK: &str = "VZRAM-RESULT: ";
+/// Lines of `key=value` facts from the guest: `VZRAM-INFO k=v k=v`.
+pub const INFO_MARK: &str = "VZRAM-INFO ";
+
+/// How QEMU runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation with `-cpu host`.
+    Kvm,
+    /// QEMU's emulator, one host thread per vCPU (`-accel tcg,thread=multi -cpu max`).
+    Tcg,
+}
+
+impl Accel {
+    /// KVM only when it really works: a /dev/kvm that opens is not enough, because some hosts
+    /// back it with kvm-pvm (software nested virtualisation), under which a stock kernel hangs
+    /// at boot and `-cpu host` aborts. Real KVM has kvm_intel or kvm_amd loaded. Override with
+    /// `VZRAM_GUEST_ACCEL=kvm|tcg`.
+    pub fn detect() -> Accel {
+        match std::env::var("VZRAM_GUEST_ACCEL").as_deref() {
+            Ok("kvm") => return Accel::Kvm,
+            Ok("tcg") => return Accel::Tcg,
+            _ => {}
+        }
+        let vendor_module = ["/sys/module/kvm_intel", "/sys/module/kvm_amd"]
+            .iter()
+            .any(|p| Path::new(p).exists());
+        let opens = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if vendor_module && opens {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    fn qemu_args(self) -> [&'static str; 4] {
+        match self {
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"],
+        }
+    }
+}
+
+/// What to boot: the test name for /init, the machine size, parameters and a time limit.
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    /// `vzram.test=`: boot, swap, zram, blk (see tests/guest/init).
+    pub test: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u32,
+    /// vCPUs.
+    pub cpus: u32,
+    /// More `vzram.<key>=<value>` parameters for /init (keys `[a-z0-9_]`, values without
+    /// spaces).
+    pub params: Vec<(String, String)>,
+    /// Limit for the whole run, from QEMU's start to its exit.
+    pub timeout: Duration,
+}
+
+impl GuestSpec {
+    /// 128 MiB, 2 vCPUs, 300 s.
+    pub fn new(test: &str) -> GuestSpec {
+        GuestSpec {
+            test: test.to_string(),
+            mem_mib: 128,
+            cpus: 2,
+            params: Vec::new(),
+            timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// Adds `vzram.<key>=<value>`.
+    pub fn param(mut self, key: &str, value: impl ToString) -> GuestSpec {
+        self.params.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets guest RAM.
+    pub fn mem_mib(mut self, mib: u32) -> GuestSpec {
+        self.mem_mib = mib;
+        self
+    }
+
+    /// Sets the number of vCPUs.
+    pub fn cpus(mut self, cpus: u32) -> GuestSpec {
+        self.cpus = cpus;
+        self
+    }
+
+    /// Sets the time limit.
+    pub fn timeout(mut self, timeout: Duration) -> GuestSpec {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The kernel command line.
+    pub fn cmdline(&self) -> Result<String, String> {
+        let mut s = format!(
+            "console=ttyS0 quiet panic=-1 vzram.test={} vzram.cpus={}",
+            self.test, self.cpus
+        );
+        let ok_key = |k: &str| {
+            !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        for (k, v) in &self.params {
+            if !ok_key(k) || v.is_empty() || v.contains(char::is_whitespace) {
+                return Err(format!("bad guest parameter vzram.{k}={v:?}"));
+            }
+            s.push_str(&format!(" vzram.{k}={v}"));
+        }
+        if !ok_key(&self.test) {
+            return Err(format!("bad test name {:?}", self.test));
+        }
+        Ok(s)
+    }
+}
+
+/// What /init said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestResult {
+    /// `VZRAM-RESULT: PASS <test>`.
+    Pass,
+    /// `VZRAM-RESULT: FAIL <test> <reason>`.
+    Fail(String),
+}
+
+/// A finished run: the result line, the facts, the log and the timings.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The test that ran.
+    pub test: String,
+    /// PASS or FAIL with the reason.
+    pub result: GuestResult,
+    /// Every `key=value` of the `VZRAM-INFO` lines (a later line overrides an earlier one).
+    pub info: BTreeMap<String, String>,
+    /// The serial console, line by line.
+    pub serial: Vec<String>,
+    /// From QEMU's start to /init's first line.
+    pub boot: Option<Duration>,
+    /// From QEMU's start to its exit.
+    pub wall: Duration,
+    /// How the guest ran.
+    pub accel: Accel,
+    /// QEMU's exit status.
+    pub exit: Option<ExitStatus>,
+}
+
+impl Outcome {
+    /// True on PASS.
+    pub fn passed(&self) -> bool {
+        self.result == GuestResult::Pass
+    }
+
+    /// Panics with the serial log unless the guest said PASS.
+    #[track_caller]
+    pub fn assert_pass(&self) {
+        if let GuestResult::Fail(why) = &self.result {
+            panic!(
+                "guest test {} failed: {why}\n--- serial ---\n{}",
+                self.test,
+                self.serial.join("\n")
+            );
+        }
+    }
+
+    /// An INFO value as a number; panics (with the log) when it is missing or not a number.
+    #[track_caller]
+    pub fn u64(&self, key: &str) -> u64 {
+        match self.info.get(key).map(|v| v.parse::<u64>()) {
+            Some(Ok(v)) => v,
+            _ => panic!(
+                "guest test {}: no numeric VZRAM-INFO {key} (have {:?})\n--- serial ---\n{}",
+                self.test,
+                self.info,
+                self.serial.join("\n")
+            ),
+        }
+    }
+
+    /// One line for the test log: result and times.
+    pub fn summary(&self) -> String {
+        let result = match &self.result {
+            GuestResult::Pass => "PASS".to_string(),
+            GuestResult::Fail(why) => format!("FAIL ({why})"),
+        };
+        format!(
+            "guest {}: {result} in {:.1} s ({:?}; boot to /init {:.1} s)",
+            self.test,
+            self.wall.as_secs_f64(),
+            self.accel,
+            self.boot.map_or(f64::NAN, |b| b.as_secs_f64())
+        )
+    }
+}
+
+/// Adds the `key=value` pairs of a serial line that carries [`INFO_MARK`] (anywhere: kernel
+/// messages may share the line) to `info`.
+pub fn parse_info(line: &str, info: &mut BTreeMap<String, String>) {
+    if let Some(at) = line.find(INFO_MARK) {
+        for kv in line[at + INFO_MARK.len()..].split_whitespace() {
+            if let Some((k, v)) = kv.split_once('=') {
+                info.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+}
+
+/// Parses a result line: `(test, result)`.
+pub fn parse_result(line: &str) -> Option<(String, GuestResult)> {
+    let rest = &line[line.find(RESULT_MARK)? + RESULT_MARK.len()..];
+    let mut words = rest.splitn(3, ' ');
+    let verdict = words.next()?;
+    let test = words.next()?.trim().to_string();
+    match verdict {
+        "PASS" => Some((test, GuestResult::Pass)),
+        "FAIL" => Some((
+            test,
+            GuestResult::Fail(words.next().unwrap_or("").trim().to_string()),
+        )),
+        _ => None,
+    }
+}
+
+/// Why a run did not produce a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunErrorKind {
+    /// Something the run needs is missing or would not start (image, QEMU, backend).
+    Setup,
+    /// /init never printed: the kernel did not boot, or QEMU waits on something (unshared
+    /// guest memory makes QEMU and the guest print nothing and hang).
+    NoInit,
+    /// /init started but the test did not finish in time.
+    Timeout,
+    /// QEMU exited without a result line.
+    NoResult,
+    /// The guest printed more than one result, or one for another test.
+    BadResult,
+    /// The guest printed its result but QEMU did not exit (poweroff failed).
+    NoPoweroff,
+}
+
+/// A run that failed before the guest could say PASS or FAIL, with everything there is to
+/// read about it.
+#[derive(Clone)]
+pub struct RunError {
+    /// What went wrong, broadly.
+    pub kind: RunErrorKind,
+    /// What went wrong, in words.
+    pub message: String,
+    /// The serial console so far.
+    pub serial: Vec<String>,
+    /// QEMU's stderr.
+    pub qemu_log: String,
+    /// The backend's output.
+    pub backend_log: String,
+}
+
+impl RunError {
+    pub(crate) fn setup(message: String) -> RunError {
+        RunError {
+            kind: RunErrorKind::Setup,
+            message,
+            serial: Vec::new(),
+            qemu_log: String::new(),
+            backend_log: String::new(),
+        }
+    }
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{:?}: {}", self.kind, self.message)?;
+        let tail = self.serial.len().saturating_sub(100);
+        if !self.serial.is_empty() {
+            writeln!(f, "--- serial (from line {tail}) ---")?;
+            for l in &self.serial[tail..] {
+                writeln!(f, "{l}")?;
+            }
+        }
+        for (what, log) in [("qemu", &self.qemu_log), ("backend", &self.backend_log)] {
+            if !log.trim().is_empty() {
+                writeln!(f, "--- {what} output ---\n{}", log.trim_end())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// Debug is what `fn test() -> Result<(), RunError>` prints on failure: make it readable.
+impl fmt::Debug for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// One guest at a time per test process: TCG guests on a 2-core machine would only slow each
+/// other down past their timeouts, and timings would mean nothing.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+/// A running QEMU; killed (by PID) when dropped.
+#[derive(Debug)]
+pub struct Guest {
+    spec: GuestSpec,
+    accel: Accel,
+    qemu: Proc,
+    lines: Receiver<(Instant, String)>,
+    started: Instant,
+    qemu_log: PathBuf,
+    backend_log: Option<PathBuf>,
+    _one: MutexGuard<'static, ()>,
+    // Declared after qemu: fields drop in order, so the folder outlives QEMU.
+    _dir: RunDir,
+}
+
+impl Guest {
+    /// Boots the image with `spec`; the disk comes from `backend` (none for
+    /// [`crate::BackendKind::None`]). Files go to `dir`.
+    pub fn start(dir: &RunDir, spec: &GuestSpec, backend: &Backend) -> Result<Guest, RunError> {
+        let image = Image::get().map_err(RunError::setup)?;
+        let cmdline = spec.cmdline().map_err(RunError::setup)?;
+        let one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+        let accel = Accel::detect();
+        let mem = format!("{}M", spec.mem_mib);
+
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-nodefaults", "-no-user-config", "-display", "none"]);
+        // The guest powers off at the end; a panic (init died) reboots, which -no-reboot turns
+        // into an exit too.
+        cmd.args(["-no-reboot", "-machine", "pc"]);
+        cmd.args(accel.qemu_args());
+        cmd.args(["-smp", &spec.cpus.to_string(), "-m", &mem]);
+        // vhost-user backends map guest memory, so it must be a shared memfd.
+        cmd.arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"));
+        cmd.args(["-numa", "node,memdev=mem"]);
+        if let Some(sock) = backend.socket() {
+            // reconnect=1: QEMU survives a backend restart and reconnects every second.
+            cmd.arg("-chardev").arg(format!(
+                "socket,id=disk0,path={},reconnect=1",
+                sock.display()
+            ));
+            cmd.arg("-device").arg(format!(
+                "vhost-user-blk-pci,chardev=disk0,num-queues={}",
+                backend.spec().queues
+            ));
+        }
+        cmd.arg("-kernel").arg(&image.kernel);
+        cmd.arg("-initrd").arg(&image.initrd);
+        cmd.arg("-append").arg(&cmdline);
+        cmd.args(["-serial", "stdio", "-monitor", "none"]);
+
+        let qemu_log = dir.join("qemu.log");
+        let log = File::create(&qemu_log).map_err(|e| RunError::setup(e.to_string()))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+        let started = Instant::now();
+        let mut qemu = Proc::spawn(cmd, "qemu-system-x86_64", Duration::ZERO)
+            .map_err(|e| RunError::setup(e.to_string()))?;
+        let stdout = qemu.child_mut().stdout.take().expect("stdout is piped");
+        let (tx, lines) = mpsc::channel();
+        let echo = std::env::var_os("VZRAM_GUEST_ECHO").is_some();
+        let name = spec.test.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                if echo {
+                    eprintln!("[{name} {:6.1}] {line}", started.elapsed().as_secs_f64());
+                }
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Guest {
+            spec: spec.clone(),
+            accel,
+            qemu,
+            lines,
+            started,
+            qemu_log,
+            backend_log: backend.log_path().map(Path::to_path_buf),
+            _one: one,
+            _dir: dir.clone(),
+        })
+    }
+
+    /// QEMU's PID.
+    pub fn pid(&self) -> u32 {
+        self.qemu.pid()
+    }
+
+    /// Waits for the result and QEMU's exit.
+    pub fn wait(self) -> Result<Outcome, RunError> {
+        self.wait_with(|_, _| {})
+    }
+
+    /// Like [`Guest::wait`], calling `on_line(line, info so far)` for every serial line as it
+    /// arrives: a test can look at the backend when the guest reaches a phase (for example
+    /// `VZRAM-INFO phase=written`, printed by swaptest with `vzram.pause=S`, which then waits
+    /// S seconds).
+    pub fn wait_with(
+        mut self,
+        mut on_line: impl FnMut(&str, &BTreeMap<String, String>),
+    ) -> Result<Outcome, RunError> {
+        let deadline = self.started + self.spec.timeout;
+        let mut serial = Vec::new();
+        let mut info = BTreeMap::new();
+        let mut boot = None;
+        let mut result: Option<GuestResult> = None;
+        loop {
+            let now = Instant::now();
+            let wait = if result.is_some() {
+                // After the result only the power-off is left.
+                (deadline.min(now + Duration::from_secs(30))).saturating_duration_since(now)
+            } else {
+                deadline.saturating_duration_since(now)
+            };
+            match self.lines.recv_timeout(wait) {
+                Ok((at, line)) => {
+                    parse_info(&line, &mut info);
+                    if boot.is_none() && line.contains("VZRAM-INFO init_ms=") {
+                        boot = Some(at - self.started);
+                    }
+                    if let Some((test, r)) = parse_result(&line) {
+                        let problem = if result.is_some() {
+                            Some("a second result line")
+                        } else if test != self.spec.test {
+                            Some("a result for another test")
+                        } else {
+                            None
+                        };
+                        if let Some(p) = problem {
+                            serial.push(line);
+                            return Err(self.error(RunErrorKind::BadResult, p.into(), serial));
+                        }
+                        result = Some(r);
+                    }
+                    on_line(&line, &info);
+                    serial.push(line);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let (kind, msg) = match (&result, boot) {
+                        (Some(_), _) => (
+                            RunErrorKind::NoPoweroff,
+                            "the guest printed its result but QEMU did not exit".to_string(),
+                        ),
+                        (None, None) => (
+                            RunErrorKind::NoInit,
+                            format!(
+                                "no output from /init in {:?}: the kernel did not boot or \
+                                 QEMU is stuck (unshared guest memory, backend not answering)",
+                                self.spec.timeout
+                            ),
+                        ),
+                        (None, Some(_)) => (
+                            RunErrorKind::Timeout,
+                            format!(
+                                "test {} did not finish in {:?}",
+                                self.spec.test, self.spec.timeout
+                            ),
+                        ),
+                    };
+                    return Err(self.error(kind, msg, serial));
+                }
+                // QEMU closed its stdout: it has exited or is exiting.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let exit = self.qemu.wait_timeout(Duration::from_secs(10));
+        let wall = self.started.elapsed();
+        let Some(result) = result else {
+            let msg = format!(
+                "QEMU exited ({}) without a result line",
+                exit.map_or("still running".to_string(), |s| s.to_string())
+            );
+            return Err(self.error(RunErrorKind::NoResult, msg, serial));
+        };
+        if exit.is_none() {
+            let msg = "QEMU closed the console but did not exit".to_string();
+            return Err(self.error(RunErrorKind::NoPoweroff, msg, serial));
+        }
+        Ok(Outcome {
+            test: self.spec.test.clone(),
+            result,
+            info,
+            serial,
+            boot,
+            wall,
+            accel: self.accel,
+            exit,
+        })
+    }
+
+    fn error(&mut self, kind: RunErrorKind, message: String, serial: Vec<String>) -> RunError {
+        // Stop QEMU first, so that its log is complete.
+        self.qemu.stop();
+        RunError {
+            kind,
+            message,
+            serial,
+            qemu_log: fs::read_to_string(&self.qemu_log).unwrap_or_default(),
+            backend_log: self
+                .backend_log
+                .as_ref()
+                .and_then(|p| fs::read_to_string(p).ok())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_lines_parse_anywhere_in_a_line() {
+        let mut info = BTreeMap::new();
+        parse_info("VZRAM-INFO a=1 b=x=y", &mut info);
+        parse_info("[  3.1] random: crng initVZRAM-INFO c=3 junk", &mut info);
+        parse_info("swaptest: bad=0", &mut info);
+        parse_info("VZRAM-INFO a=2", &mut info);
+        assert_eq!(info.len(), 3);
+        assert_eq!(info["a"], "2");
+        assert_eq!(info["b"], "x=y");
+        assert_eq!(info["c"], "3");
+    }
+
+    #[test]
+    fn result_lines_parse() {
+        assert_eq!(
+            parse_result("VZRAM-RESULT: PASS swap"),
+            Some(("swap".into(), GuestResult::Pass))
+        );
+        assert_eq!(
+            parse_result("xx VZRAM-RESULT: FAIL blk blktest found bad data"),
+            Some((
+                "blk".into(),
+                GuestResult::Fail("blktest found bad data".into())
+            ))
+        );
+        assert_eq!(parse_result("VZRAM-RESULT: MAYBE x"), None);
+        assert_eq!(parse_result("VZRAM-RESULT: PASS"), None);
+        assert_eq!(parse_result("PASS swap"), None);
+    }
+
+    #[test]
+    fn cmdline_carries_params_and_rejects_bad_ones() {
+        let s = GuestSpec::new("swap").param("rot", 1).param("mib", 300);
+        assert_eq!(
+            s.cmdline().unwrap(),
+            "console=ttyS0 quiet panic=-1 vzram.test=swap vzram.cpus=2 vzram.rot=1 vzram.mib=300"
+        );
+        assert!(GuestSpec::new("swap").param("Bad", 1).cmdline().is_err());
+        assert!(GuestSpec::new("swap").param("a", "x y").cmdline().is_err());
+        assert!(GuestSpec::new("swap; reboot").cmdline().is_err());
+    }
+}
