@@ -1,0 +1,391 @@
+//! The vhost-user session: connect, negotiate, hand over memory, set up vrings.
+
+use crate::mem::GuestMem;
+use crate::queue::Queue;
+use crate::virtio::*;
+use crate::{Error, Result, vhost_err};
+use std::fmt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VringConfigData};
+
+/// How to connect and what to negotiate.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Queues to set up (1..=what the backend offers).
+    pub num_queues: u16,
+    /// Entries per queue (a power of two).
+    pub queue_size: u16,
+    /// Guest memory size for [`Device::connect`] (one region at [`crate::DEFAULT_GUEST_BASE`]).
+    pub mem_size: u64,
+    /// Acknowledge `VIRTIO_RING_F_EVENT_IDX` if offered.
+    pub event_idx: bool,
+    /// Acknowledge `VIRTIO_RING_F_INDIRECT_DESC` if offered.
+    pub indirect: bool,
+    /// Keep retrying the connect (the daemon may still be starting) until this long.
+    pub connect_timeout: Duration,
+    /// Bytes of config space to ask for with `GET_CONFIG`.
+    pub config_len: u32,
+    /// Acknowledge `VHOST_USER_PROTOCOL_F_REPLY_ACK` and ask for an ack of every request.
+    pub reply_ack: bool,
+    /// Hand memory over with one `ADD_MEM_REG` per region instead of `SET_MEM_TABLE`
+    /// (needs `CONFIGURE_MEM_SLOTS`).
+    pub add_mem_reg: bool,
+    /// Features acknowledged = offered & this mask (EVENT_IDX and INDIRECT_DESC further
+    /// depend on the flags above).
+    pub feature_mask: u64,
+    /// Send exactly these bits with `SET_FEATURES`, offered or not (to test the backend's
+    /// refusal).
+    pub features_override: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            num_queues: 1,
+            queue_size: 256,
+            mem_size: 64 << 20,
+            event_idx: true,
+            indirect: true,
+            connect_timeout: Duration::from_secs(10),
+            config_len: BLK_CONFIG_LEN,
+            reply_ack: true,
+            add_mem_reg: false,
+            feature_mask: WANTED_FEATURES,
+            features_override: None,
+        }
+    }
+}
+
+/// A connected vhost-user-blk device.
+///
+/// Dropping it (or [`Device::disconnect`]) closes the socket; queues taken out of it stay
+/// usable as ring memory and can be attached to a later connection with
+/// [`Device::attach_queue`].
+pub struct Device {
+    frontend: Frontend,
+    socket: PathBuf,
+    mem: Arc<GuestMem>,
+    offered: u64,
+    acked: u64,
+    protocol_offered: u64,
+    protocol_acked: u64,
+    max_queues: u64,
+    config: BlkConfig,
+    config_len: u32,
+    queues: Vec<Option<Queue>>,
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Device")
+            .field("socket", &self.socket)
+            .field("features", &feature_names(self.acked))
+            .field(
+                "protocol_features",
+                &format_args!("{:#x}", self.protocol_acked),
+            )
+            .field("max_queues", &self.max_queues)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to `path`, retrying while the socket is missing or refuses, until `timeout`.
+pub(crate) fn connect_socket(path: &Path, timeout: Duration) -> Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(Error::Connect {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+impl Device {
+    /// Connects with fresh guest memory of `opts.mem_size` bytes.
+    pub fn connect(path: impl AsRef<Path>, opts: &Options) -> Result<Device> {
+        let mem = GuestMem::with_size(opts.mem_size)?;
+        Device::connect_with_memory(path, opts, mem)
+    }
+
+    /// Connects and negotiates, hands `mem` to the backend and sets up `opts.num_queues` queues
+    /// with fresh rings allocated in `mem` (none if `num_queues` is 0: attach existing ones).
+    ///
+    /// Order: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_CONFIG,
+    /// SET_FEATURES, SET_MEM_TABLE (or ADD_MEM_REG), then per queue SET_VRING_NUM, _ADDR,
+    /// _BASE, _CALL, _KICK, _ENABLE.
+    pub fn connect_with_memory(
+        path: impl AsRef<Path>,
+        opts: &Options,
+        mem: Arc<GuestMem>,
+    ) -> Result<Device> {
+        let path = path.as_ref();
+        let stream = connect_socket(path, opts.connect_timeout)?;
+        let mut fe = Frontend::from_stream(stream, u64::from(opts.num_queues.max(1)));
+
+        fe.set_owner().map_err(vhost_err("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(vhost_err("GET_FEATURES"))?;
+        if offered & F_VERSION_1 == 0 {
+            return Err(Error::MissingFeature("VIRTIO_F_VERSION_1"));
+        }
+
+        let (mut protocol_offered, mut protocol_acked) = (0, 0);
+        if offered & F_PROTOCOL_FEATURES != 0 {
+            let p = fe
+                .get_protocol_features()
+                .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
+            let mut want = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::RESET_DEVICE;
+            if opts.reply_ack {
+                want |= VhostUserProtocolFeatures::REPLY_ACK;
+            }
+            let ack = p & want;
+            fe.set_protocol_features(ack)
+                .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
+            // Only now: libvhost-user (QSD) acks every NEED_REPLY message even before
+            // REPLY_ACK is negotiated, while the vhost crate waits for an ack only after.
+            if ack.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+            protocol_offered = p.bits();
+            protocol_acked = ack.bits();
+        }
+        let has = |f: VhostUserProtocolFeatures| protocol_acked & f.bits() != 0;
+
+        let max_queues = if has(VhostUserProtocolFeatures::MQ) {
+            fe.get_queue_num().map_err(vhost_err("GET_QUEUE_NUM"))?
+        } else {
+            1
+        };
+        if u64::from(opts.num_queues) > max_queues {
+            return Err(Error::Invalid(format!(
+                "{} queues requested, the backend offers {max_queues}",
+                opts.num_queues
+            )));
+        }
+
+        if !has(VhostUserProtocolFeatures::CONFIG) {
+            return Err(Error::MissingFeature("VHOST_USER_PROTOCOL_F_CONFIG"));
+        }
+        let config = read_config(&mut fe, opts.config_len)?;
+
+        let mut mask = opts.feature_mask;
+        if !opts.event_idx {
+            mask &= !F_EVENT_IDX;
+        }
+        if !opts.indirect {
+            mask &= !F_INDIRECT_DESC;
+        }
+        let acked = opts.features_override.unwrap_or(offered & mask);
+        fe.set_features(acked).map_err(vhost_err("SET_FEATURES"))?;
+
+        let regions = mem.vhost_regions()?;
+        if opts.add_mem_reg {
+            if !has(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+                return Err(Error::MissingFeature(
+                    "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS",
+                ));
+            }
+            for r in &regions {
+                fe.add_mem_region(r).map_err(vhost_err("ADD_MEM_REG"))?;
+            }
+        } else {
+            fe.set_mem_table(&regions)
+                .map_err(vhost_err("SET_MEM_TABLE"))?;
+        }
+
+        let mut dev = Device {
+            frontend: fe,
+            socket: path.to_path_buf(),
+            mem,
+            offered,
+            acked,
+            protocol_offered,
+            protocol_acked,
+            max_queues,
+            config,
+            config_len: opts.config_len,
+            queues: Vec::new(),
+        };
+        for i in 0..opts.num_queues {
+            let q = dev.setup_queue(i, opts.queue_size)?;
+            dev.queues.push(Some(q));
+        }
+        log::debug!("connected {dev:?}");
+        Ok(dev)
+    }
+
+    /// A new queue with fresh rings, set up on the backend as queue `index`.
+    pub fn setup_queue(&mut self, index: u16, size: u16) -> Result<Queue> {
+        let mut q = Queue::new(&self.mem, index, size)?;
+        self.attach_queue(&mut q, 0)?;
+        Ok(q)
+    }
+
+    /// Sets up `q`'s existing rings on this connection (SET_VRING_NUM, _ADDR, _BASE = `base`,
+    /// _CALL, _KICK, _ENABLE), e.g. after a reconnect. `q` must live in this device's memory.
+    pub fn attach_queue(&mut self, q: &mut Queue, base: u16) -> Result<()> {
+        if !Arc::ptr_eq(q.mem(), &self.mem) {
+            return Err(Error::Invalid(
+                "the queue lives in another guest memory than the device's".into(),
+            ));
+        }
+        q.set_event_idx(self.acked & F_EVENT_IDX != 0);
+        q.set_indirect(self.acked & F_INDIRECT_DESC != 0);
+        let i = q.index() as usize;
+        let fe = &mut self.frontend;
+        fe.set_vring_num(i, q.size())
+            .map_err(vhost_err("SET_VRING_NUM"))?;
+        let addrs = VringConfigData {
+            queue_max_size: q.size(),
+            queue_size: q.size(),
+            flags: 0,
+            desc_table_addr: self.mem.host_address(q.desc_table_gpa())?,
+            used_ring_addr: self.mem.host_address(q.used_gpa())?,
+            avail_ring_addr: self.mem.host_address(q.avail_gpa())?,
+            log_addr: None,
+        };
+        fe.set_vring_addr(i, &addrs)
+            .map_err(vhost_err("SET_VRING_ADDR"))?;
+        fe.set_vring_base(i, base)
+            .map_err(vhost_err("SET_VRING_BASE"))?;
+        fe.set_vring_call(i, q.call_fd())
+            .map_err(vhost_err("SET_VRING_CALL"))?;
+        fe.set_vring_kick(i, q.kick_fd())
+            .map_err(vhost_err("SET_VRING_KICK"))?;
+        if self.acked & F_PROTOCOL_FEATURES != 0 {
+            fe.set_vring_enable(i, true)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops queue `index` with GET_VRING_BASE; returns the backend's next avail index.
+    pub fn stop_queue(&mut self, index: u16) -> Result<u16> {
+        let base = self
+            .frontend
+            .get_vring_base(index as usize)
+            .map_err(vhost_err("GET_VRING_BASE"))?;
+        u16::try_from(base).map_err(|_| {
+            Error::Protocol(format!("GET_VRING_BASE of queue {index} answered {base}"))
+        })
+    }
+
+    /// SET_VRING_ENABLE.
+    pub fn set_vring_enable(&mut self, index: u16, enable: bool) -> Result<()> {
+        self.frontend
+            .set_vring_enable(index as usize, enable)
+            .map_err(vhost_err("SET_VRING_ENABLE"))
+    }
+
+    /// RESET_DEVICE (needs the protocol feature).
+    pub fn reset_device(&mut self) -> Result<()> {
+        self.frontend
+            .reset_device()
+            .map_err(vhost_err("RESET_DEVICE"))
+    }
+
+    /// Reads the config space again.
+    pub fn refresh_config(&mut self) -> Result<BlkConfig> {
+        self.config = read_config(&mut self.frontend, self.config_len)?;
+        Ok(self.config.clone())
+    }
+
+    /// The config space read at connect (or the last refresh).
+    pub fn config(&self) -> &BlkConfig {
+        &self.config
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.config.capacity_bytes()
+    }
+
+    /// Features sent with SET_FEATURES.
+    pub fn features(&self) -> u64 {
+        self.acked
+    }
+
+    /// Features the backend offered.
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// Protocol features acknowledged (bits of `VhostUserProtocolFeatures`).
+    pub fn protocol_features(&self) -> u64 {
+        self.protocol_acked
+    }
+
+    /// Protocol features the backend offered.
+    pub fn offered_protocol_features(&self) -> u64 {
+        self.protocol_offered
+    }
+
+    /// Queues the backend offers (GET_QUEUE_NUM, or 1 without MQ).
+    pub fn max_queues(&self) -> u64 {
+        self.max_queues
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Takes queue `index` (set up at connect) out of the device.
+    pub fn take_queue(&mut self, index: u16) -> Option<Queue> {
+        self.queues.get_mut(index as usize).and_then(Option::take)
+    }
+
+    /// Takes all queues that are still in the device.
+    pub fn take_queues(&mut self) -> Vec<Queue> {
+        self.queues.iter_mut().filter_map(Option::take).collect()
+    }
+
+    /// Queue `index`, if still in the device.
+    pub fn queue_mut(&mut self, index: u16) -> Option<&mut Queue> {
+        self.queues.get_mut(index as usize).and_then(Option::as_mut)
+    }
+
+    /// The vhost crate's frontend, for messages this type has no method for.
+    pub fn frontend(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+
+    /// Closes the connection.
+    pub fn disconnect(self) {}
+}
+
+fn read_config(fe: &mut Frontend, len: u32) -> Result<BlkConfig> {
+    let buf = vec![0u8; len as usize];
+    let (_, bytes) = fe
+        .get_config(0, len, VhostUserConfigFlags::empty(), &buf)
+        .map_err(vhost_err("GET_CONFIG"))?;
+    Ok(BlkConfig::parse(&bytes))
+}
