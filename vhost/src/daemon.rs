@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -30,6 +31,10 @@ pub enum DaemonError {
     Thread { path: PathBuf, source: io::Error },
 }
 
+/// How long a queue worker polls its ring after a batch by default (QEMU's iothreads poll
+/// up to 32 µs too).
+pub const DEFAULT_POLL: Duration = Duration::from_micros(32);
+
 /// A device being served: the thread that accepts connections one at a time.
 #[derive(Debug)]
 pub struct DeviceServer {
@@ -40,10 +45,12 @@ pub struct DeviceServer {
 
 impl DeviceServer {
     /// Binds the device's socket (replacing a stale one), sets its mode and starts serving.
+    /// `poll`: how long a queue worker watches its ring for more requests before it sleeps.
     pub fn start(
         served: Arc<Served>,
         blk: BlkGeometry,
         mode: u32,
+        poll: Duration,
     ) -> Result<DeviceServer, DaemonError> {
         let path = served.socket.clone();
         let listener = Listener::new(&path, true).map_err(|source| DaemonError::Listen {
@@ -61,7 +68,7 @@ impl DeviceServer {
             let (served, stop) = (served.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("{}-accept", served.name))
-                .spawn(move || accept_loop(listener, served, blk, stop))
+                .spawn(move || accept_loop(listener, served, blk, poll, stop))
                 .map_err(|source| DaemonError::Thread { path, source })?
         };
         Ok(DeviceServer {
@@ -101,11 +108,12 @@ fn accept_loop(
     mut listener: Listener,
     served: Arc<Served>,
     blk: BlkGeometry,
+    poll: Duration,
     stop: Arc<AtomicBool>,
 ) {
     let name = served.name.clone();
     while !stop.load(Ordering::SeqCst) {
-        let backend = Arc::new(BlkBackend::new(served.clone(), blk.clone()));
+        let backend = Arc::new(BlkBackend::new(served.clone(), blk.clone(), poll));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = match VhostUserDaemon::new(name.clone(), backend, mem) {
             Ok(d) => d,

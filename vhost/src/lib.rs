@@ -4,6 +4,7 @@
 //! handling, the vhost-user backend, the daemon lifecycle, and the control plane.
 
 pub mod backend;
+pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod client;

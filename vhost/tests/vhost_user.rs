@@ -71,7 +71,8 @@ fn daemon_with(num_queues: u16, readonly: bool, mem_limit: u64) -> Daemon {
         num_queues,
         queue_size: 256,
     };
-    let server = DeviceServer::start(served.clone(), blk, 0o600).unwrap();
+    let server =
+        DeviceServer::start(served.clone(), blk, 0o600, vzram::daemon::DEFAULT_POLL).unwrap();
     Daemon {
         server: Some(server),
         served,
