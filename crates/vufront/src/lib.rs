@@ -66,6 +66,15 @@ pub enum Error {
         /// The vhost crate's error.
         source: vhost::Error,
     },
+    /// A vhost-user request got no reply within [`Options::reply_timeout`]; the connection
+    /// was shut down.
+    #[error("vhost-user {op}: no reply after {waited:?}")]
+    NoReply {
+        /// The request.
+        op: &'static str,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// The backend does not offer something this frontend needs.
     #[error("backend does not offer {0}")]
     MissingFeature(&'static str),
