@@ -7,7 +7,7 @@ use crate::{Error, Result, vhost_err};
 use std::fmt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -43,6 +43,10 @@ pub struct Options {
     /// Send exactly these bits with `SET_FEATURES`, offered or not (to test the backend's
     /// refusal).
     pub features_override: Option<u64>,
+    /// How long one vhost-user request may take, reply included (None: forever). A backend
+    /// that stops answering gets its connection shut down and the call fails with
+    /// [`Error::NoReply`] instead of hanging the caller.
+    pub reply_timeout: Option<Duration>,
 }
 
 impl Default for Options {
@@ -59,6 +63,7 @@ impl Default for Options {
             add_mem_reg: false,
             feature_mask: WANTED_FEATURES,
             features_override: None,
+            reply_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -69,7 +74,7 @@ impl Default for Options {
 /// usable as ring memory and can be attached to a later connection with
 /// [`Device::attach_queue`].
 pub struct Device {
-    frontend: Frontend,
+    session: Session,
     socket: PathBuf,
     mem: Arc<GuestMem>,
     offered: u64,
@@ -141,19 +146,21 @@ impl Device {
     ) -> Result<Device> {
         let path = path.as_ref();
         let stream = connect_socket(path, opts.connect_timeout)?;
-        let mut fe = Frontend::from_stream(stream, u64::from(opts.num_queues.max(1)));
+        let mut fe = Session::new(
+            stream,
+            u64::from(opts.num_queues.max(1)),
+            opts.reply_timeout,
+        )?;
 
-        fe.set_owner().map_err(vhost_err("SET_OWNER"))?;
-        let offered = fe.get_features().map_err(vhost_err("GET_FEATURES"))?;
+        fe.call("SET_OWNER", |f| f.set_owner())?;
+        let offered = fe.call("GET_FEATURES", |f| f.get_features())?;
         if offered & F_VERSION_1 == 0 {
             return Err(Error::MissingFeature("VIRTIO_F_VERSION_1"));
         }
 
         let (mut protocol_offered, mut protocol_acked) = (0, 0);
         if offered & F_PROTOCOL_FEATURES != 0 {
-            let p = fe
-                .get_protocol_features()
-                .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
+            let p = fe.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
             let mut want = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -162,12 +169,11 @@ impl Device {
                 want |= VhostUserProtocolFeatures::REPLY_ACK;
             }
             let ack = p & want;
-            fe.set_protocol_features(ack)
-                .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
+            fe.call("SET_PROTOCOL_FEATURES", |f| f.set_protocol_features(ack))?;
             // Only now: libvhost-user (QSD) acks every NEED_REPLY message even before
             // REPLY_ACK is negotiated, while the vhost crate waits for an ack only after.
             if ack.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                fe.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
             protocol_offered = p.bits();
             protocol_acked = ack.bits();
@@ -175,7 +181,7 @@ impl Device {
         let has = |f: VhostUserProtocolFeatures| protocol_acked & f.bits() != 0;
 
         let max_queues = if has(VhostUserProtocolFeatures::MQ) {
-            fe.get_queue_num().map_err(vhost_err("GET_QUEUE_NUM"))?
+            fe.call("GET_QUEUE_NUM", |f| f.get_queue_num())?
         } else {
             1
         };
@@ -199,7 +205,7 @@ impl Device {
             mask &= !F_INDIRECT_DESC;
         }
         let acked = opts.features_override.unwrap_or(offered & mask);
-        fe.set_features(acked).map_err(vhost_err("SET_FEATURES"))?;
+        fe.call("SET_FEATURES", |f| f.set_features(acked))?;
 
         let regions = mem.vhost_regions()?;
         if opts.add_mem_reg {
@@ -209,15 +215,14 @@ impl Device {
                 ));
             }
             for r in &regions {
-                fe.add_mem_region(r).map_err(vhost_err("ADD_MEM_REG"))?;
+                fe.call("ADD_MEM_REG", |f| f.add_mem_region(r))?;
             }
         } else {
-            fe.set_mem_table(&regions)
-                .map_err(vhost_err("SET_MEM_TABLE"))?;
+            fe.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
         }
 
         let mut dev = Device {
-            frontend: fe,
+            session: fe,
             socket: path.to_path_buf(),
             mem,
             offered,
@@ -255,9 +260,8 @@ impl Device {
         q.set_event_idx(self.acked & F_EVENT_IDX != 0);
         q.set_indirect(self.acked & F_INDIRECT_DESC != 0);
         let i = q.index() as usize;
-        let fe = &mut self.frontend;
-        fe.set_vring_num(i, q.size())
-            .map_err(vhost_err("SET_VRING_NUM"))?;
+        let fe = &mut self.session;
+        fe.call("SET_VRING_NUM", |f| f.set_vring_num(i, q.size()))?;
         let addrs = VringConfigData {
             queue_max_size: q.size(),
             queue_size: q.size(),
@@ -267,17 +271,12 @@ impl Device {
             avail_ring_addr: self.mem.host_address(q.avail_gpa())?,
             log_addr: None,
         };
-        fe.set_vring_addr(i, &addrs)
-            .map_err(vhost_err("SET_VRING_ADDR"))?;
-        fe.set_vring_base(i, base)
-            .map_err(vhost_err("SET_VRING_BASE"))?;
-        fe.set_vring_call(i, q.call_fd())
-            .map_err(vhost_err("SET_VRING_CALL"))?;
-        fe.set_vring_kick(i, q.kick_fd())
-            .map_err(vhost_err("SET_VRING_KICK"))?;
+        fe.call("SET_VRING_ADDR", |f| f.set_vring_addr(i, &addrs))?;
+        fe.call("SET_VRING_BASE", |f| f.set_vring_base(i, base))?;
+        fe.call("SET_VRING_CALL", |f| f.set_vring_call(i, q.call_fd()))?;
+        fe.call("SET_VRING_KICK", |f| f.set_vring_kick(i, q.kick_fd()))?;
         if self.acked & F_PROTOCOL_FEATURES != 0 {
-            fe.set_vring_enable(i, true)
-                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+            fe.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
         }
         Ok(())
     }
@@ -285,9 +284,8 @@ impl Device {
     /// Stops queue `index` with GET_VRING_BASE; returns the backend's next avail index.
     pub fn stop_queue(&mut self, index: u16) -> Result<u16> {
         let base = self
-            .frontend
-            .get_vring_base(index as usize)
-            .map_err(vhost_err("GET_VRING_BASE"))?;
+            .session
+            .call("GET_VRING_BASE", |f| f.get_vring_base(index as usize))?;
         u16::try_from(base).map_err(|_| {
             Error::Protocol(format!("GET_VRING_BASE of queue {index} answered {base}"))
         })
@@ -295,21 +293,19 @@ impl Device {
 
     /// SET_VRING_ENABLE.
     pub fn set_vring_enable(&mut self, index: u16, enable: bool) -> Result<()> {
-        self.frontend
-            .set_vring_enable(index as usize, enable)
-            .map_err(vhost_err("SET_VRING_ENABLE"))
+        self.session.call("SET_VRING_ENABLE", |f| {
+            f.set_vring_enable(index as usize, enable)
+        })
     }
 
     /// RESET_DEVICE (needs the protocol feature).
     pub fn reset_device(&mut self) -> Result<()> {
-        self.frontend
-            .reset_device()
-            .map_err(vhost_err("RESET_DEVICE"))
+        self.session.call("RESET_DEVICE", |f| f.reset_device())
     }
 
     /// Reads the config space again.
     pub fn refresh_config(&mut self) -> Result<BlkConfig> {
-        self.config = read_config(&mut self.frontend, self.config_len)?;
+        self.config = read_config(&mut self.session, self.config_len)?;
         Ok(self.config.clone())
     }
 
@@ -373,19 +369,128 @@ impl Device {
         self.queues.get_mut(index as usize).and_then(Option::as_mut)
     }
 
-    /// The vhost crate's frontend, for messages this type has no method for.
+    /// The vhost crate's frontend, for messages this type has no method for (not covered by
+    /// the reply timeout).
     pub fn frontend(&mut self) -> &mut Frontend {
-        &mut self.frontend
+        &mut self.session.fe
     }
 
     /// Closes the connection.
     pub fn disconnect(self) {}
 }
 
-fn read_config(fe: &mut Frontend, len: u32) -> Result<BlkConfig> {
+fn read_config(fe: &mut Session, len: u32) -> Result<BlkConfig> {
     let buf = vec![0u8; len as usize];
-    let (_, bytes) = fe
-        .get_config(0, len, VhostUserConfigFlags::empty(), &buf)
-        .map_err(vhost_err("GET_CONFIG"))?;
+    let (_, bytes) = fe.call("GET_CONFIG", |f| {
+        f.get_config(0, len, VhostUserConfigFlags::empty(), &buf)
+    })?;
     Ok(BlkConfig::parse(&bytes))
+}
+
+/// The frontend plus a watchdog that shuts the socket down when a request outlives the reply
+/// timeout. (A socket read timeout does not work: the vhost crate retries EAGAIN in a loop.)
+struct Session {
+    fe: Frontend,
+    timeout: Option<Duration>,
+    dog: Option<Arc<Watchdog>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct DogState {
+    deadline: Option<Instant>,
+    fired: bool,
+    stop: bool,
+}
+
+struct Watchdog {
+    state: Mutex<DogState>,
+    cv: Condvar,
+    sock: UnixStream,
+}
+
+impl Watchdog {
+    fn run(&self) {
+        let mut st = self.state.lock().unwrap();
+        while !st.stop {
+            st = match st.deadline {
+                None => self.cv.wait(st).unwrap(),
+                Some(d) if Instant::now() >= d => {
+                    let _ = self.sock.shutdown(std::net::Shutdown::Both);
+                    st.fired = true;
+                    st.deadline = None;
+                    st
+                }
+                Some(d) => self.cv.wait_timeout(st, d - Instant::now()).unwrap().0,
+            };
+        }
+    }
+
+    fn set(&self, deadline: Option<Instant>) -> bool {
+        let mut st = self.state.lock().unwrap();
+        st.deadline = deadline;
+        self.cv.notify_one();
+        st.fired
+    }
+}
+
+impl Session {
+    fn new(stream: UnixStream, max_queues: u64, timeout: Option<Duration>) -> Result<Session> {
+        let (dog, thread) = match timeout {
+            Some(_) => {
+                let dog = Arc::new(Watchdog {
+                    state: Mutex::default(),
+                    cv: Condvar::new(),
+                    sock: stream.try_clone()?,
+                });
+                let d = Arc::clone(&dog);
+                let t = std::thread::Builder::new()
+                    .name("vufront-watchdog".into())
+                    .spawn(move || d.run())?;
+                (Some(dog), Some(t))
+            }
+            None => (None, None),
+        };
+        Ok(Session {
+            fe: Frontend::from_stream(stream, max_queues),
+            timeout,
+            dog,
+            thread,
+        })
+    }
+
+    fn call<T>(
+        &mut self,
+        op: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T> {
+        let start = Instant::now();
+        if let (Some(dog), Some(t)) = (&self.dog, self.timeout) {
+            if dog.set(Some(start + t)) {
+                return Err(Error::NoReply { op, waited: t });
+            }
+        }
+        let r = f(&mut self.fe);
+        let fired = self.dog.as_ref().is_some_and(|d| d.set(None));
+        match r {
+            Ok(v) => Ok(v),
+            Err(_) if fired => Err(Error::NoReply {
+                op,
+                waited: start.elapsed(),
+            }),
+            Err(e) => Err(vhost_err(op)(e)),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(dog) = &self.dog {
+            dog.state.lock().unwrap().stop = true;
+            dog.cv.notify_one();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

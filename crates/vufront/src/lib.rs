@@ -28,6 +28,35 @@
 //!
 //! Everything multi-byte in rings and requests is little-endian, as virtio 1.x requires; the
 //! crate writes explicit `to_le_bytes` encodings and needs no `unsafe` for ring access.
+//!
+//! # Example: a request, then a malformed chain
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use vufront::*;
+//!
+//! # fn main() -> vufront::Result<()> {
+//! let mut dev = Device::connect("/run/vzram/vz0.sock", &Options::default())?;
+//! let mut q = dev.take_queue(0).unwrap();
+//! q.write(8, &[0xab; 4096])?.check()?;
+//! let split = Request::read(8, 4096).with_layout(Layout::split(3).indirect());
+//! assert_eq!(q.execute(&split, Duration::from_secs(5))?.data, vec![0xab; 4096]);
+//!
+//! // Raw: a header whose chain loops back on itself, published by hand.
+//! let mem = q.mem().clone();
+//! let hdr = mem.alloc(16, 16)?;
+//! hdr.write_at(0, &BLK_T_IN.to_le_bytes())?;
+//! let data = mem.alloc(512, 16)?;
+//! let ids = q.alloc_descs(2)?; // keep the high-level API off these indices
+//! q.write_desc(ids[0], Desc::readable(hdr.gpa(), 16).then(ids[1]))?;
+//! q.write_desc(ids[1], Desc::writable(data.gpa(), 512).then(ids[0]))?;
+//! q.push_avail(&[ids[0]])?;
+//! q.kick()?;
+//! let used = q.wait_used(Duration::from_secs(1))?; // or Error::Timeout if it never answers
+//! assert_eq!(used[0].len, 0);
+//! # Ok(())
+//! # }
+//! ```
 
 mod blk;
 mod device;
@@ -65,6 +94,15 @@ pub enum Error {
         op: &'static str,
         /// The vhost crate's error.
         source: vhost::Error,
+    },
+    /// A vhost-user request got no reply within [`Options::reply_timeout`]; the connection
+    /// was shut down.
+    #[error("vhost-user {op}: no reply after {waited:?}")]
+    NoReply {
+        /// The request.
+        op: &'static str,
+        /// How long it waited.
+        waited: Duration,
     },
     /// The backend does not offer something this frontend needs.
     #[error("backend does not offer {0}")]

@@ -92,6 +92,16 @@ fn verification_catches_corruption_and_unwritten_pages() {
         ..base.clone()
     };
     let r = load::run(&check).unwrap();
+    assert!(r.content_cached);
+    assert_eq!(r.jobs[0].verify_failures, 1, "{r}");
+    assert_eq!(r.jobs[0].verified_pages, 2047);
+    // The same without the content cache: pages generated while the job runs.
+    let r = load::run(&LoadOptions {
+        content_cache: 0,
+        ..check.clone()
+    })
+    .unwrap();
+    assert!(!r.content_cached);
     assert_eq!(r.jobs[0].verify_failures, 1, "{r}");
     assert_eq!(r.jobs[0].verified_pages, 2047);
 

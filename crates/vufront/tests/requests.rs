@@ -122,6 +122,34 @@ fn connect_retries_until_the_backend_listens() {
 }
 
 #[test]
+fn a_silent_backend_fails_the_call_instead_of_hanging() {
+    let dir = TempDir::new("silent");
+    let socket = dir.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let t = Instant::now();
+    let err = Device::connect(
+        &socket,
+        &Options {
+            reply_timeout: Some(Duration::from_millis(300)),
+            ..opts(1)
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NoReply {
+                op: "GET_FEATURES",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    drop(listener);
+}
+
+#[test]
 fn data_survives_every_layout() {
     let s = serve_default();
     let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
