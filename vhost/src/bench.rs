@@ -11,7 +11,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
-use vufront::load::{self, Histogram, Job, JobReport, LoadOptions, Rw, Verify};
+use vufront::load::{self, Content, Histogram, Job, JobReport, LoadOptions, Rw, Verify};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -118,9 +118,10 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     }
     let device = in_process_device(args)?;
     if args.store_only {
+        let content = Content::build(&mix, args.seed, 0, content_pages(&jobs, device.pages()));
         let jobs = jobs
             .iter()
-            .map(|j| store_job(&device, j, &mix, args.seed))
+            .map(|j| store_job(&device, j, &content))
             .collect::<Result<Vec<_>, _>>()?;
         return Ok(BenchReport {
             target: format!("store ({})", args.comp),
@@ -184,13 +185,23 @@ fn in_process_device(args: &BenchArgs) -> Result<Arc<zram::Device>, BenchError> 
     ))
 }
 
+/// Pages `0..n` cover every job's span.
+fn content_pages(jobs: &[Job], pages: u64) -> u64 {
+    jobs.iter()
+        .map(|j| {
+            let end = j.span.map_or(u64::MAX, |s| j.offset.saturating_add(s));
+            (end / PAGE_SIZE).min(pages)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// One job straight on the store: each thread serves its slice of the span one page at a
 /// time, as a worker thread does, with the same page content and verification.
 fn store_job(
     device: &Arc<zram::Device>,
     job: &Job,
-    mix: &Mix,
-    seed: u64,
+    content: &Content,
 ) -> Result<JobReport, BenchError> {
     if job.bs as u64 != PAGE_SIZE {
         return Err(BenchError::Setup(
@@ -211,13 +222,13 @@ fn store_job(
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (barrier, device) = (&barrier, device.clone());
+                let content = &content;
                 s.spawn(move || {
                     let lo = first + span * t / threads;
                     let hi = first + span * (t + 1) / threads;
                     let mut stream = device.new_stream();
-                    let mut rng = SplitMix64::new(seed ^ (t + 1).wrapping_mul(0x9E37_79B9));
-                    let (mut page, mut want) =
-                        ([0u8; PAGE_SIZE as usize], [0u8; PAGE_SIZE as usize]);
+                    let mut rng = SplitMix64::new((t + 1).wrapping_mul(0x9E37_79B9));
+                    let mut page = [0u8; PAGE_SIZE as usize];
                     let mut hist = Histogram::new();
                     let (mut ops, mut bad) = (0u64, 0u64);
                     let per_thread_ops = job.ops.map(|o| o.div_ceil(threads));
@@ -239,15 +250,18 @@ fn store_job(
                         } else {
                             lo + ops % (hi - lo)
                         };
+                        let want: &[u8; PAGE_SIZE as usize] = content
+                            .page(index)
+                            .expect("content covers the span")
+                            .try_into()
+                            .expect("a page");
                         let t0 = Instant::now();
                         if write {
-                            pagemix::fill_page(mix, seed, index, &mut page);
-                            let ok = device.write_page(index, &page, &mut stream).is_ok();
+                            let ok = device.write_page(index, want, &mut stream).is_ok();
                             bad += u64::from(!ok);
                         } else {
                             let ok = device.read_page(index, &mut page, &mut stream).is_ok();
-                            pagemix::fill_page(mix, seed, index, &mut want);
-                            bad += u64::from(!ok || page != want);
+                            bad += u64::from(!ok || page != *want);
                         }
                         hist.record(t0.elapsed());
                         ops += 1;

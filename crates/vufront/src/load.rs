@@ -610,14 +610,17 @@ pub fn run(opts: &LoadOptions) -> Result<Report> {
     })
 }
 
-/// Pregenerated page content for pages `first..first + n`.
-struct Content {
+/// Pregenerated page content for pages `first..first + n` (generating a page costs more than
+/// storing it, so a benchmark must not do it in its timed loop).
+#[derive(Debug)]
+pub struct Content {
     first: u64,
     bytes: Vec<u8>,
 }
 
 impl Content {
-    fn build(mix: &Mix, seed: u64, lo: u64, hi: u64) -> Content {
+    /// The content of pages `lo..hi`, generated on every core.
+    pub fn build(mix: &Mix, seed: u64, lo: u64, hi: u64) -> Content {
         let mut bytes = vec![0u8; ((hi - lo) as usize) * PAGE_SIZE];
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per = (hi - lo).div_ceil(threads as u64) as usize * PAGE_SIZE;
@@ -635,7 +638,8 @@ impl Content {
         Content { first: lo, bytes }
     }
 
-    fn page(&self, page: u64) -> Option<&[u8]> {
+    /// One page's content, if it is in the cache.
+    pub fn page(&self, page: u64) -> Option<&[u8]> {
         let i = usize::try_from(page.checked_sub(self.first)?).ok()?;
         self.bytes.get(i * PAGE_SIZE..(i + 1) * PAGE_SIZE)
     }
