@@ -129,6 +129,10 @@ fn accept_loop(
             continue;
         }
         if stop.load(Ordering::SeqCst) {
+            // The connection was our own wake-up call. End its handler thread, so that
+            // dropping the daemon (below) ends this connection's workers before stop returns.
+            daemon.request_shutdown();
+            let _ = daemon.wait();
             break;
         }
         let n = served.connections.fetch_add(1, Ordering::Relaxed) + 1;

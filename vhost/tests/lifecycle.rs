@@ -1,0 +1,104 @@
+//! Connection lifecycle, alone in its test binary so that thread counts mean something: each
+//! connection's worker threads end when it does, and the daemon serves the next one.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use vufront::{Device, Options};
+use vzram::blk::BlkGeometry;
+use vzram::daemon::{DEFAULT_POLL, DeviceServer};
+use vzram::served::Served;
+
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn connections_come_and_go_without_leaking_threads() {
+    let dir = std::env::temp_dir().join(format!("vzram-life-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vz0.sock");
+    let store = Arc::new(zram::Store::new(zsmalloc::Config::default()).unwrap());
+    let comp = Arc::new(zcomp::Comp::parse("lz4", &[]).unwrap());
+    let size = 16 << 20;
+    let device = zram::Device::new(
+        store,
+        comp,
+        zram::Config {
+            size,
+            backing_file: None,
+        },
+    )
+    .unwrap();
+    let served = Served::new(
+        "vz0".into(),
+        socket.clone(),
+        Arc::new(device),
+        4,
+        false,
+        "s".into(),
+    );
+    let blk = BlkGeometry {
+        size,
+        blk_size: 4096,
+        num_queues: 4,
+        queue_size: 128,
+    };
+    let server = DeviceServer::start(served.clone(), blk, 0o600, DEFAULT_POLL).unwrap();
+    // The library names each queue's worker thread "vring_worker"; an idle daemon has the
+    // workers of the connection it is waiting for (made before accept).
+    let idle = 4;
+    wait_until("the first connection's workers", || {
+        threads_named("vring_worker") == idle
+    });
+    for round in 0..5u64 {
+        let mut dev = Device::connect(
+            &socket,
+            &Options {
+                num_queues: 2,
+                queue_size: 128,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        let mut q = dev.take_queue(1).unwrap();
+        let page = vec![round as u8 + 1; 4096];
+        q.write(round * 8, &page).unwrap().check().unwrap();
+        if round > 0 {
+            let prev = q.read((round - 1) * 8, 4096).unwrap().check().unwrap();
+            assert!(
+                prev.data == vec![round as u8; 4096],
+                "round {round}: the previous connection's page"
+            );
+        }
+        drop(q);
+        dev.disconnect();
+        wait_until("the hang-up", || {
+            served.connections.load(Ordering::Relaxed) == round + 1
+                && !served.connected.load(Ordering::Relaxed)
+        });
+        wait_until("the old workers to end", || {
+            threads_named("vring_worker") == idle
+        });
+    }
+    server.stop();
+    assert_eq!(
+        threads_named("vring_worker"),
+        0,
+        "stopping the server ends every worker"
+    );
+    assert!(!socket.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
