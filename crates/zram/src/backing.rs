@@ -4,7 +4,7 @@ use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use zsmalloc::PAGE_SIZE;
 
@@ -23,12 +23,14 @@ pub struct Backing {
 
 impl Backing {
     /// Opens (creating if needed) `path` with room for `pages` blocks; the file is sparse.
+    /// A new file is created 0600: it holds guests' memory.
     pub fn open(path: &Path, pages: u64) -> io::Result<Backing> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(path)?;
         let want = pages * PAGE_SIZE as u64;
         if file.metadata()?.len() < want {
@@ -79,5 +81,28 @@ impl Backing {
     pub fn read(&self, block: u64, data: &mut [u8]) -> io::Result<()> {
         preempt::might_sleep();
         self.file.read_exact_at(data, block * PAGE_SIZE as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_backing_file_is_private_and_sparse() {
+        let path = std::env::temp_dir().join(format!("zram-backing-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let b = Backing::open(&path, 1024).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), 1024 * PAGE_SIZE as u64);
+        let block = b.alloc().unwrap();
+        b.write(block, &[7; PAGE_SIZE]).unwrap();
+        let mut back = [0; PAGE_SIZE];
+        b.read(block, &mut back).unwrap();
+        assert_eq!(back, [7; PAGE_SIZE]);
+        drop(b);
+        std::fs::remove_file(&path).unwrap();
     }
 }
