@@ -13,6 +13,7 @@ use crate::ratelimit::RateLimitedLog;
 use crate::served::Served;
 use std::mem::offset_of;
 use std::ops::Deref;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -175,6 +176,8 @@ enum ReqError {
     ReadOnly,
     #[error("store: {0}")]
     Store(#[from] zram::Error),
+    #[error("internal error (see the log above)")]
+    Internal,
 }
 
 impl ReqError {
@@ -243,7 +246,19 @@ impl Worker {
         QueueCounters::add(&self.counters().requests, 1);
         let result = match parsed.problem {
             Some(e) => Err(e),
-            None => self.execute(mem),
+            // A bug must cost one request, not the queue: without this, the worker thread
+            // would die with the request never completed, and the guest would wait for ever.
+            None => std::panic::catch_unwind(AssertUnwindSafe(|| self.execute(mem)))
+                .unwrap_or_else(|_| {
+                    log::error!(
+                        "{} queue {}: internal error serving a request; failed it with S_IOERR",
+                        self.served.name,
+                        self.queue
+                    );
+                    // The stream may be mid-operation; start the next request with a new one.
+                    self.stream = None;
+                    Err(ReqError::Internal)
+                }),
         };
         let status = match result {
             Ok(()) => VIRTIO_BLK_S_OK as u8,
@@ -563,25 +578,21 @@ impl Worker {
                 dev.discard(offset / PAGE_SIZE, len / PAGE_SIZE)?;
                 continue;
             }
-            // Write-zeroes may be unaligned: zero the partial pages at either end, free the
-            // whole pages between.
-            let end = offset + len;
-            let first_full = offset.next_multiple_of(PAGE_SIZE);
-            let last_full = end / PAGE_SIZE * PAGE_SIZE;
-            if first_full >= last_full {
-                self.bounce.fill(0);
-                dev.write(offset, &self.bounce[..len as usize], stream)?;
-                continue;
-            }
+            // Write-zeroes may be unaligned: zero the parts of partial pages through the
+            // store's read-modify-write, free runs of whole pages.
             self.bounce.fill(0);
-            if offset < first_full {
-                let head = (first_full - offset) as usize;
-                dev.write(offset, &self.bounce[..head], stream)?;
-            }
-            dev.write_zeroes(first_full / PAGE_SIZE, (last_full - first_full) / PAGE_SIZE)?;
-            if last_full < end {
-                let tail = (end - last_full) as usize;
-                dev.write(last_full, &self.bounce[..tail], stream)?;
+            let end = offset + len;
+            let mut pos = offset;
+            while pos < end {
+                let n = (PAGE_SIZE - pos % PAGE_SIZE).min(end - pos);
+                if n == PAGE_SIZE {
+                    let run_end = end / PAGE_SIZE * PAGE_SIZE;
+                    dev.write_zeroes(pos / PAGE_SIZE, (run_end - pos) / PAGE_SIZE)?;
+                    pos = run_end;
+                } else {
+                    dev.write(pos, &self.bounce[..n as usize], stream)?;
+                    pos += n;
+                }
             }
         }
         Ok(())
