@@ -1,6 +1,6 @@
-//! The Vzram backend variant's plumbing, before the daemon exists: what it runs, with which
+//! The Vzram backend variant's plumbing, independent of the daemon: what it runs, with which
 //! arguments, and that a guest gets its disk through it. A stand-in script with vzram's
-//! command line serves the disk with qemu-storage-daemon.
+//! command line serves the disk with qemu-storage-daemon. (The real daemon: vzram.rs.)
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use guest_tests::{
     Backend, BackendSpec, Guest, GuestSpec, MIB, RunDir, RunError, RunErrorKind, vzram_bin,
 };
 
-/// `vzram serve --socket SOCK --size SIZE [args]`, as the Vzram variant calls it; records its
+/// `vzram serve --socket SOCK --size SIZE --num-queues N [args]`, as the Vzram variant calls it; records its
 /// arguments next to the socket and execs qemu-storage-daemon (same PID, so the runner's
 /// SIGTERM reaches it).
 const STAND_IN: &str = r#"#!/bin/sh
@@ -29,13 +29,13 @@ fn the_vzram_variant_runs_its_binary_and_serves_a_guest() -> Result<(), RunError
     std::fs::write(&script, STAND_IN)?;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
 
-    let spec = BackendSpec::vzram(64 * MIB, &["--algorithm", "lz4"]).with_bin(&script);
+    let spec = BackendSpec::vzram(64 * MIB, &["--comp", "lz4"]).with_bin(&script);
     let disk = Backend::start(&dir, spec)?;
     let args = std::fs::read_to_string(dir.join("args"))?;
     assert_eq!(
         args.trim(),
         format!(
-            "serve --socket {} --size 64M --algorithm lz4",
+            "serve --socket {} --size 64M --num-queues 2 --comp lz4",
             dir.join("disk.sock").display()
         )
     );
