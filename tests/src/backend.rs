@@ -119,6 +119,7 @@ pub struct Backend {
     disk_file: Option<PathBuf>,
     log: PathBuf,
     proc: Option<Proc>,
+    command: String,
     // Declared last: fields drop in order, so the folder outlives the process using it.
     _dir: RunDir,
 }
@@ -136,6 +137,7 @@ impl Backend {
                     disk_file: None,
                     log,
                     proc: None,
+                    command: String::new(),
                     _dir: dir.clone(),
                 });
             }
@@ -183,6 +185,7 @@ impl Backend {
             }
         };
         let mut cmd = cmd;
+        let command = crate::proc::command_line(&cmd);
         let out = File::create(&log).map_err(|e| RunError::setup(format!("{e}")))?;
         let err = out
             .try_clone()
@@ -214,6 +217,7 @@ impl Backend {
             disk_file,
             log,
             proc: Some(proc),
+            command,
             _dir: dir.clone(),
         })
     }
@@ -221,6 +225,11 @@ impl Backend {
     /// What was started.
     pub fn spec(&self) -> &BackendSpec {
         &self.spec
+    }
+
+    /// The command line the backend was started with (empty for [`BackendKind::None`]).
+    pub fn command_line(&self) -> &str {
+        &self.command
     }
 
     /// The vhost-user socket (None for [`BackendKind::None`]).

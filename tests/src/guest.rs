@@ -332,6 +332,7 @@ pub struct Guest {
     started: Instant,
     qemu_log: PathBuf,
     backend_log: Option<PathBuf>,
+    command: String,
     _one: MutexGuard<'static, ()>,
     // Declared after qemu: fields drop in order, so the folder outlives QEMU.
     _dir: RunDir,
@@ -374,6 +375,7 @@ impl Guest {
         cmd.arg("-append").arg(&cmdline);
         cmd.args(["-serial", "stdio", "-monitor", "none"]);
 
+        let command = crate::proc::command_line(&cmd);
         let qemu_log = dir.join("qemu.log");
         let log = File::create(&qemu_log).map_err(|e| RunError::setup(e.to_string()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
@@ -412,6 +414,7 @@ impl Guest {
             started,
             qemu_log,
             backend_log: backend.log_path().map(Path::to_path_buf),
+            command,
             _one: one,
             _dir: dir.clone(),
         })
@@ -420,6 +423,11 @@ impl Guest {
     /// QEMU's PID.
     pub fn pid(&self) -> u32 {
         self.qemu.pid()
+    }
+
+    /// QEMU's command line.
+    pub fn command_line(&self) -> &str {
+        &self.command
     }
 
     /// Waits for the result and QEMU's exit.
