@@ -12,6 +12,9 @@
 //! pages, and prints `vzram stat` while the workload is swapped out and again after it has
 //! exited. Everything it started is stopped when it ends (or dies). Exit status 0 only if the
 //! guest passed. `ci/demo` builds what this needs and runs it.
+//!
+//! `--mem-limit` below what the workload needs makes swap-out writes fail; a Linux guest then
+//! stalls rather than OOM-kills (tests/README.md), and the run ends at `--timeout`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -45,6 +48,18 @@ fn parse() -> Result<Opts, String> {
     while let Some(a) = args.next() {
         if a == "-h" || a == "--help" {
             return Err(USAGE.into());
+        }
+        const OPTS: [&str; 7] = [
+            "--comp",
+            "--mem",
+            "--cpus",
+            "--factor",
+            "--size",
+            "--mem-limit",
+            "--timeout",
+        ];
+        if !OPTS.contains(&a.as_str()) {
+            return Err(format!("unknown option {a}\n{USAGE}"));
         }
         let v = args
             .next()
