@@ -69,3 +69,35 @@ fn a_missing_vzram_binary_is_a_setup_error_that_says_what_to_do() {
         );
     }
 }
+
+/// A backend that panics while the guest waits (the log says so, the process lives on, the
+/// guest's request never completes) ends the run at once as `BackendPanicked`, not at the
+/// time limit.
+#[test]
+fn a_backend_panic_ends_the_run_at_once() -> Result<(), RunError> {
+    let dir = RunDir::new("vzram-variant-panic")?;
+    let script = dir.join("vzram");
+    // The stand-in, with a "panic" on its output 3 s after the start.
+    let panicking = STAND_IN.replace(
+        "exec qemu-storage-daemon",
+        "(sleep 3; printf \"thread 'vring_worker' (1) panicked at vhost/src/blk.rs:1:1:\\nboom\\n\") &\n\
+         exec qemu-storage-daemon",
+    );
+    std::fs::write(&script, panicking)?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let disk = Backend::start(&dir, BackendSpec::vzram(64 * MIB, &[]).with_bin(&script))?;
+    let t = std::time::Instant::now();
+    let err = Guest::start(
+        &dir,
+        &GuestSpec::new("boot")
+            .param("hold", 60)
+            .timeout(Duration::from_secs(60)),
+        &disk,
+    )?
+    .wait()
+    .unwrap_err();
+    assert_eq!(err.kind, RunErrorKind::BackendPanicked, "{err}");
+    assert!(err.message.contains("blk.rs:1:1: boom"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    Ok(())
+}
