@@ -63,6 +63,10 @@ fn build_vzram() -> Result<PathBuf, String> {
     if let Some(bin) = std::env::var_os("VZRAM_BIN") {
         let bin = PathBuf::from(bin);
         return if bin.is_file() {
+            eprintln!(
+                "guest-tests: vzram is VZRAM_BIN={} (used as it is, not rebuilt)",
+                bin.display()
+            );
             Ok(bin)
         } else {
             Err(format!("VZRAM_BIN={} is not a file", bin.display()))
