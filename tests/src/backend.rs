@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::RunError;
 use crate::proc::{Proc, RunDir};
+use crate::vzram::Stat;
 
 /// Which backend serves the guest's disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,7 +20,8 @@ pub enum BackendKind {
     /// vhost-user-blk, with `discard=unmap` so that discards punch holes in the file (the
     /// reference for what vzram must do).
     Qsd,
-    /// The `vzram` daemon: `vzram serve --socket SOCK --size SIZE [args]`.
+    /// The `vzram` daemon: `vzram serve --socket SOCK --size SIZE --num-queues N [args]`, with
+    /// its control socket `vzram.ctl` beside SOCK (the daemon's default).
     Vzram {
         /// The binary: [`vzram_bin`] unless set with [`BackendSpec::with_bin`].
         bin: PathBuf,
@@ -117,6 +119,7 @@ pub struct Backend {
     disk_file: Option<PathBuf>,
     log: PathBuf,
     proc: Option<Proc>,
+    command: String,
     // Declared last: fields drop in order, so the folder outlives the process using it.
     _dir: RunDir,
 }
@@ -134,6 +137,7 @@ impl Backend {
                     disk_file: None,
                     log,
                     proc: None,
+                    command: String::new(),
                     _dir: dir.clone(),
                 });
             }
@@ -156,6 +160,11 @@ impl Backend {
                 (cmd, Some(file), "qemu-storage-daemon")
             }
             BackendKind::Vzram { bin, args } => {
+                // The default binary is built from the current sources first (once per
+                // process): a stale daemon must not be tested by accident.
+                if *bin == vzram_bin() {
+                    crate::vzram::fresh_vzram().map_err(RunError::setup)?;
+                }
                 if !bin.is_file() {
                     return Err(RunError::setup(format!(
                         "no vzram binary at {} (build it with `cargo build -p vzram` or set \
@@ -169,11 +178,14 @@ impl Backend {
                     .arg(&socket)
                     .arg("--size")
                     .arg(size_arg(spec.size))
+                    .arg("--num-queues")
+                    .arg(spec.queues.to_string())
                     .args(args);
                 (cmd, None, "vzram")
             }
         };
         let mut cmd = cmd;
+        let command = crate::proc::command_line(&cmd);
         let out = File::create(&log).map_err(|e| RunError::setup(format!("{e}")))?;
         let err = out
             .try_clone()
@@ -205,6 +217,7 @@ impl Backend {
             disk_file,
             log,
             proc: Some(proc),
+            command,
             _dir: dir.clone(),
         })
     }
@@ -214,9 +227,52 @@ impl Backend {
         &self.spec
     }
 
+    /// The command line the backend was started with (empty for [`BackendKind::None`]).
+    pub fn command_line(&self) -> &str {
+        &self.command
+    }
+
     /// The vhost-user socket (None for [`BackendKind::None`]).
     pub fn socket(&self) -> Option<&Path> {
         self.socket.as_deref()
+    }
+
+    /// The vzram daemon's control socket (Vzram only): `vzram.ctl` beside the vhost-user socket.
+    pub fn control(&self) -> Option<PathBuf> {
+        match (&self.spec.kind, &self.socket) {
+            (BackendKind::Vzram { .. }, Some(s)) => Some(s.with_file_name("vzram.ctl")),
+            _ => None,
+        }
+    }
+
+    /// The vzram daemon's statistics from its control socket (Vzram only).
+    pub fn stat(&self) -> Result<Stat, String> {
+        let control = self
+            .control()
+            .ok_or_else(|| format!("a {:?} backend has no vzram statistics", self.spec.kind))?;
+        crate::vzram::stat(&control)
+    }
+
+    /// Sends one JSON command to the vzram daemon's control socket (Vzram only); returns its
+    /// `result`.
+    pub fn control_request(&self, command: &str) -> Result<serde_json::Value, String> {
+        let control = self
+            .control()
+            .ok_or_else(|| format!("a {:?} backend has no control socket", self.spec.kind))?;
+        crate::vzram::request(&control, command)
+    }
+
+    /// `vzram stat`: the daemon's zramctl-like table (Vzram only).
+    pub fn stat_table(&self) -> Result<String, String> {
+        match (&self.spec.kind, self.control()) {
+            (BackendKind::Vzram { bin, .. }, Some(control)) => {
+                crate::vzram::stat_table(bin, &control)
+            }
+            _ => Err(format!(
+                "a {:?} backend has no vzram statistics",
+                self.spec.kind
+            )),
+        }
     }
 
     /// The backend's PID, if it runs a process.

@@ -260,6 +260,9 @@ pub enum RunErrorKind {
     BadResult,
     /// The guest printed its result but QEMU did not exit (poweroff failed).
     NoPoweroff,
+    /// The backend panicked (its log says `panicked at`) while the guest waited: a request it
+    /// was serving will never complete, so the run stops at once instead of at its time limit.
+    BackendPanicked,
 }
 
 /// A run that failed before the guest could say PASS or FAIL, with everything there is to
@@ -332,6 +335,7 @@ pub struct Guest {
     started: Instant,
     qemu_log: PathBuf,
     backend_log: Option<PathBuf>,
+    command: String,
     _one: MutexGuard<'static, ()>,
     // Declared after qemu: fields drop in order, so the folder outlives QEMU.
     _dir: RunDir,
@@ -374,6 +378,7 @@ impl Guest {
         cmd.arg("-append").arg(&cmdline);
         cmd.args(["-serial", "stdio", "-monitor", "none"]);
 
+        let command = crate::proc::command_line(&cmd);
         let qemu_log = dir.join("qemu.log");
         let log = File::create(&qemu_log).map_err(|e| RunError::setup(e.to_string()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
@@ -412,6 +417,7 @@ impl Guest {
             started,
             qemu_log,
             backend_log: backend.log_path().map(Path::to_path_buf),
+            command,
             _one: one,
             _dir: dir.clone(),
         })
@@ -420,6 +426,11 @@ impl Guest {
     /// QEMU's PID.
     pub fn pid(&self) -> u32 {
         self.qemu.pid()
+    }
+
+    /// QEMU's command line.
+    pub fn command_line(&self) -> &str {
+        &self.command
     }
 
     /// Waits for the result and QEMU's exit.
@@ -442,13 +453,17 @@ impl Guest {
         let mut result: Option<GuestResult> = None;
         loop {
             let now = Instant::now();
-            let wait = if result.is_some() {
+            let until = if result.is_some() {
                 // After the result only the power-off is left.
-                (deadline.min(now + Duration::from_secs(30))).saturating_duration_since(now)
+                deadline.min(now + Duration::from_secs(30))
             } else {
-                deadline.saturating_duration_since(now)
+                deadline
             };
-            match self.lines.recv_timeout(wait) {
+            // Wake up every second to look at the backend.
+            let slice = until
+                .saturating_duration_since(now)
+                .min(Duration::from_secs(1));
+            match self.lines.recv_timeout(slice) {
                 Ok((at, line)) => {
                     parse_info(&line, &mut info);
                     if boot.is_none() && line.contains("VZRAM-INFO init_ms=") {
@@ -470,6 +485,12 @@ impl Guest {
                     }
                     on_line(&line, &info);
                     serial.push(line);
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() < until => {
+                    if let Some(panic) = self.backend_panic() {
+                        let msg = format!("the backend panicked: {panic}");
+                        return Err(self.error(RunErrorKind::BackendPanicked, msg, serial));
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let (kind, msg) = match (&result, boot) {
@@ -522,6 +543,14 @@ impl Guest {
             accel: self.accel,
             exit,
         })
+    }
+
+    /// The first `panicked at` line of the backend's log and the message after it, if any.
+    fn backend_panic(&self) -> Option<String> {
+        let log = fs::read_to_string(self.backend_log.as_ref()?).ok()?;
+        let mut lines = log.lines().skip_while(|l| !l.contains("panicked at"));
+        let at = lines.next()?.trim();
+        Some(format!("{at} {}", lines.next().unwrap_or("").trim()))
     }
 
     fn error(&mut self, kind: RunErrorKind, message: String, serial: Vec<String>) -> RunError {

@@ -34,6 +34,7 @@ mod backend;
 mod guest;
 mod image;
 mod proc;
+mod vzram;
 
 pub use backend::{Backend, BackendKind, BackendSpec, size_arg, vzram_bin};
 pub use guest::{
@@ -42,6 +43,7 @@ pub use guest::{
 };
 pub use image::{Image, image_dir, workspace_root};
 pub use proc::{Proc, RunDir};
+pub use vzram::{Stat, fresh_vzram, request, stat, stat_table};
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;

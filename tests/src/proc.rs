@@ -121,6 +121,27 @@ impl Drop for Proc {
     }
 }
 
+/// `cmd` as one line for people to read (and paste into a shell: arguments with spaces or
+/// quotes are single-quoted).
+pub fn command_line(cmd: &Command) -> String {
+    let quote = |s: &std::ffi::OsStr| {
+        let s = s.to_string_lossy();
+        if !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./=,:@%+".contains(&b))
+        {
+            s.into_owned()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A folder for one run's sockets, disk files and logs, removed when the last clone is dropped.
 ///
 /// Backends and guests keep a clone, so the folder (and the sockets in it) cannot vanish under
@@ -187,6 +208,16 @@ impl Drop for DirGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_lines_quote_what_a_shell_would_split() {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-m", "128M", "-append", "console=ttyS0 quiet", "it's"]);
+        assert_eq!(
+            command_line(&cmd),
+            r"qemu-system-x86_64 -m 128M -append 'console=ttyS0 quiet' 'it'\''s'"
+        );
+    }
 
     #[test]
     fn drop_kills_a_process_that_ignores_sigterm() {
