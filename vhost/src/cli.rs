@@ -124,6 +124,22 @@ pub struct DeviceSpec {
     pub num_queues: Option<u16>,
 }
 
+impl DeviceSpec {
+    /// A device with every option left to the command line's flags.
+    fn new(socket: PathBuf, size: u64) -> DeviceSpec {
+        DeviceSpec {
+            socket,
+            size,
+            name: None,
+            readonly: None,
+            serial: None,
+            backing_file: None,
+            blk_size: None,
+            num_queues: None,
+        }
+    }
+}
+
 fn parse_disk_size(s: &str) -> Result<u64, String> {
     let n = zram::parse_size(s).map_err(|e| e.to_string())?;
     if n == 0 || n % PAGE_SIZE != 0 {
@@ -177,16 +193,7 @@ fn parse_algorithm(s: &str) -> Result<String, String> {
 
 fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
     let (mut socket, mut size) = (None, None);
-    let mut spec = DeviceSpec {
-        socket: PathBuf::new(),
-        size: 0,
-        name: None,
-        readonly: None,
-        serial: None,
-        backing_file: None,
-        blk_size: None,
-        num_queues: None,
-    };
+    let mut spec = DeviceSpec::new(PathBuf::new(), 0);
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = part.split_once('=').unwrap_or((part, ""));
         let need = |v: &str| {
@@ -261,16 +268,7 @@ impl ServeArgs {
     pub fn specs(&self) -> Result<Vec<DeviceSpec>, BuildError> {
         let mut specs = self.device.clone();
         if let (Some(socket), Some(size)) = (&self.socket, self.size) {
-            specs.push(DeviceSpec {
-                socket: socket.clone(),
-                size,
-                name: None,
-                readonly: None,
-                serial: None,
-                backing_file: None,
-                blk_size: None,
-                num_queues: None,
-            });
+            specs.push(DeviceSpec::new(socket.clone(), size));
         }
         if specs.is_empty() {
             return Err(BuildError::NoDevice);

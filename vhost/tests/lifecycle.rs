@@ -1,13 +1,13 @@
 //! Connection lifecycle, alone in its test binary so that thread counts mean something: each
 //! connection's worker threads end when it does, and the daemon serves the next one.
 
-use std::sync::Arc;
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vufront::{Device, Options};
 use vzram::blk::BlkGeometry;
 use vzram::daemon::{DEFAULT_POLL, DeviceServer};
-use vzram::served::Served;
 
 fn threads_named(name: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -30,26 +30,8 @@ fn connections_come_and_go_without_leaking_threads() {
     let dir = std::env::temp_dir().join(format!("vzram-life-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vz0.sock");
-    let store = Arc::new(zram::Store::new(zsmalloc::Config::default()).unwrap());
-    let comp = Arc::new(zcomp::Comp::parse("lz4", &[]).unwrap());
     let size = 16 << 20;
-    let device = zram::Device::new(
-        store,
-        comp,
-        zram::Config {
-            size,
-            backing_file: None,
-        },
-    )
-    .unwrap();
-    let served = Served::new(
-        "vz0".into(),
-        socket.clone(),
-        Arc::new(device),
-        4,
-        false,
-        "s".into(),
-    );
+    let served = common::served(size, socket.clone(), 4, false, 0);
     let blk = BlkGeometry {
         size,
         blk_size: 4096,

@@ -1,6 +1,8 @@
 //! Request handling against hand-built split rings (virtio-queue's MockSplitQueue): every
 //! request type, every framing, and the malformed chains an untrusted guest can send.
 
+mod common;
+
 use proptest::prelude::*;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::{
@@ -43,25 +45,7 @@ fn rig_with(readonly: bool, blk_size: u32) -> Rig {
         (GuestAddress(REGION1.0), REGION1.1),
     ])
     .unwrap();
-    let store = Arc::new(zram::Store::new(zsmalloc::Config::default()).unwrap());
-    let comp = Arc::new(zcomp::Comp::parse("lz4", &[]).unwrap());
-    let device = zram::Device::new(
-        store,
-        comp,
-        zram::Config {
-            size: DISK,
-            backing_file: None,
-        },
-    )
-    .unwrap();
-    let served = Served::new(
-        "vz0".into(),
-        "/nonexistent".into(),
-        Arc::new(device),
-        2,
-        readonly,
-        "serial-123".into(),
-    );
+    let served = common::served(DISK, "/nonexistent".into(), 2, readonly, 0);
     let blk = BlkGeometry {
         size: DISK,
         blk_size,
@@ -253,7 +237,7 @@ fn flush_and_get_id() {
         (OK, 21)
     );
     let id = r.get(DATA, 21);
-    assert_eq!(&id[..10], b"serial-123");
+    assert_eq!(&id[..10], b"vzram-test");
     assert_eq!(&id[10..20], &[0; 10], "the ID is zero-padded to 20 bytes");
     assert_eq!(id[20], 0xEE, "nothing past the 20 ID bytes is written");
     // A buffer that cannot hold the ID.

@@ -1,6 +1,8 @@
 //! The daemon against a real vhost-user frontend (vufront: vhost's `Frontend` over a unix
 //! socket, memfd guest memory, split rings built here): what QEMU and a guest would do.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,26 +47,7 @@ fn temp_dir() -> TempDir {
 fn daemon_with(num_queues: u16, readonly: bool, mem_limit: u64) -> Daemon {
     let dir = temp_dir();
     let socket = dir.0.join("vz0.sock");
-    let store = Arc::new(zram::Store::new(zsmalloc::Config::default()).unwrap());
-    store.set_mem_limit(mem_limit);
-    let comp = Arc::new(zcomp::Comp::parse("lz4", &[]).unwrap());
-    let device = zram::Device::new(
-        store,
-        comp,
-        zram::Config {
-            size: DISK,
-            backing_file: None,
-        },
-    )
-    .unwrap();
-    let served = Served::new(
-        "vz0".into(),
-        socket.clone(),
-        Arc::new(device),
-        usize::from(num_queues),
-        readonly,
-        "vzram-test".into(),
-    );
+    let served = common::served(DISK, socket.clone(), num_queues, readonly, mem_limit);
     let blk = BlkGeometry {
         size: DISK,
         blk_size: 4096,
