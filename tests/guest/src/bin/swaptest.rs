@@ -19,7 +19,8 @@
 //! `VZRAM-INFO phase=written` and waits, so that the host can read the backend's statistics
 //! while the workload is swapped out.
 //!
-//! Prints counts per kind and `bad=N`, and `VZRAM-INFO swaptest.*` lines for the host. Exit
+//! Prints counts per kind and `bad=N`, and `VZRAM-INFO swaptest.*` lines for the host (after
+//! writing: `swaptest.written_mem_free_kib` and `swaptest.written_mem_available_kib`). Exit
 //! status 0 when every page verified, 1 on a bad page, 2 on a usage or setup error.
 
 use std::io::Write;
@@ -162,6 +163,12 @@ fn run() -> Result<bool, String> {
         "swaptest: wrote {pages} pages in {write_ms} ms; swap used {} MiB, MemFree {} MiB",
         swap_kib / 1024,
         after_write.get("MemFree").unwrap_or(&0) / 1024
+    );
+    // The guest's free memory with the workload in place (the peer comparison reports it).
+    println!(
+        "VZRAM-INFO swaptest.written_mem_free_kib={} swaptest.written_mem_available_kib={}",
+        after_write.get("MemFree").unwrap_or(&0),
+        after_write.get("MemAvailable").unwrap_or(&0)
     );
     if let Some(path) = &mm_stat {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
