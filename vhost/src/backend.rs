@@ -36,8 +36,9 @@ pub struct BlkBackend {
     workers: Vec<Mutex<Worker>>,
     mem: RwLock<Option<GuestMemory>>,
     event_idx: AtomicBool,
-    /// A queue whose avail ring is corrupt (index far ahead, head out of range) is not served
-    /// again until the frontend stops it (GET_VRING_BASE) or resets the device.
+    /// A queue whose ring is corrupt (avail index far ahead, head out of range, ring memory
+    /// unreadable) is not served again until the frontend stops it (GET_VRING_BASE) or resets
+    /// the device.
     broken: Vec<AtomicBool>,
     /// How long a worker watches its ring for more requests before it sleeps.
     poll: Duration,
@@ -64,13 +65,15 @@ impl BlkBackend {
     fn mark_broken(&self, q: usize, why: &dyn std::fmt::Display) {
         if !self.broken[q].swap(true, Relaxed) {
             log::error!(
-                "{} queue {q}: corrupt available ring ({why}); queue stopped until the guest resets it",
+                "{} queue {q}: broken ring ({why}); queue stopped until the guest resets it",
                 self.served.name
             );
         }
     }
 
-    /// Serves every available chain of queue `q`, then re-arms notifications.
+    /// Serves every available chain of queue `q`, then re-arms notifications. Problems with
+    /// the ring mark the queue broken rather than return an error: an error would end the
+    /// queue's worker thread for good, with no way back short of a reconnect.
     fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
         if self.broken[q].load(Relaxed) {
             return Ok(());
@@ -85,7 +88,10 @@ impl BlkBackend {
         let mut state = vring.get_mut();
         loop {
             if event_idx {
-                state.disable_notification().map_err(io::Error::other)?;
+                if let Err(e) = state.disable_notification() {
+                    self.mark_broken(q, &e);
+                    return Ok(());
+                }
             }
             let mut completed = 0;
             loop {
@@ -115,8 +121,26 @@ impl BlkBackend {
                 }
                 completed += 1;
             }
-            if completed > 0 && state.needs_notification().map_err(io::Error::other)? {
-                state.signal_used_queue()?;
+            let notify = match completed {
+                0 => Ok(false),
+                _ => state.needs_notification(),
+            };
+            let notify = match notify {
+                Ok(n) => n,
+                Err(e) => {
+                    self.mark_broken(q, &e);
+                    return Ok(());
+                }
+            };
+            if notify {
+                // The call eventfd's counter cannot overflow in practice; if writing it fails
+                // anyway, the guest still finds the completions on its next interrupt.
+                if let Err(e) = state.signal_used_queue() {
+                    log::warn!(
+                        "{} queue {q}: cannot signal the guest: {e}",
+                        self.served.name
+                    );
+                }
             }
             // A guest with requests in flight usually sends the next one within microseconds;
             // watching the ring a little saves the kick and the wake-up on both sides (what
@@ -126,8 +150,14 @@ impl BlkBackend {
             }
             // With EVENT_IDX, a chain made available after the drain but before notifications
             // were re-enabled would get no kick: enable_notification reports it, go again.
-            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
+            match state.enable_notification() {
+                _ if !event_idx => return Ok(()),
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) => {
+                    self.mark_broken(q, &e);
+                    return Ok(());
+                }
             }
         }
     }
