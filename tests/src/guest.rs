@@ -200,6 +200,26 @@ impl Outcome {
         }
     }
 
+    /// The checks every swap run shares: 0 bad pages, the disk's rotational flag as asked,
+    /// discard offered, and most of the workload really on swap (else the run tested
+    /// nothing). Returns the bytes the guest had on swap.
+    #[track_caller]
+    pub fn assert_swapped(&self, rot: u64) -> u64 {
+        assert_eq!(self.u64("swaptest.bad"), 0);
+        assert_eq!(self.u64("swap.rotational"), rot);
+        assert!(
+            self.u64("swap.discard_max_bytes") > 0,
+            "disk without discard"
+        );
+        let used = self.u64("swaptest.swap_used_kib") * 1024;
+        let workload = self.u64("swaptest.mib") * crate::MIB;
+        assert!(
+            used * 2 > workload,
+            "only {used} bytes of a {workload}-byte workload were swapped out"
+        );
+        used
+    }
+
     /// One line for the test log: result and times.
     pub fn summary(&self) -> String {
         let result = match &self.result {

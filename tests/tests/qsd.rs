@@ -19,19 +19,8 @@ fn swap(rot: u32) -> Result<guest_tests::Run, RunError> {
     println!("{}", run.outcome.summary());
     run.outcome.assert_pass();
     let out = &run.outcome;
-    assert_eq!(out.u64("swaptest.bad"), 0);
-    assert_eq!(out.u64("swap.rotational"), rot as u64);
-    assert!(
-        out.u64("swap.discard_max_bytes") > 0,
-        "disk without discard"
-    );
-    // The workload is 3x RAM: most of it must have been on the disk, or this tested nothing.
-    let used = out.u64("swaptest.swap_used_kib") * 1024;
-    let workload = out.u64("swaptest.mib") * MIB;
-    assert!(
-        used * 2 > workload,
-        "only {used} bytes of a {workload}-byte workload were swapped out"
-    );
+    // The workload is 3x RAM: most of it must have been on the disk.
+    let used = out.assert_swapped(u64::from(rot));
     println!(
         "swap used {} MiB; write {} ms, verify {} ms; disk file holds {} MiB after swapoff",
         used / MIB,

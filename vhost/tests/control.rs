@@ -19,6 +19,13 @@ use vzram::control::{
 use vzram::served::Served;
 use zram::{Device, PAGE_SIZE, Store};
 
+/// What a client command prints.
+fn printed(cmd: ClientCommand) -> String {
+    let mut out = Vec::new();
+    run_to(cmd, &mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
 /// Every answer must come within this; a hang fails the test instead of blocking it.
 const TIMEOUT_SECS: u64 = 60;
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -291,16 +298,10 @@ fn stat_matches_the_devices() {
     assert!(stat.store.mem_used_total > 0);
 
     // The table and the JSON the `vzram stat` command prints.
-    let mut out = Vec::new();
-    run_to(
-        ClientCommand::Stat {
-            json: false,
-            conn: f.conn(),
-        },
-        &mut out,
-    )
-    .unwrap();
-    let text = String::from_utf8(out).unwrap();
+    let text = printed(ClientCommand::Stat {
+        json: false,
+        conn: f.conn(),
+    });
     assert!(text.starts_with("NAME"), "{text}");
     assert!(text.contains("\nvz0 "), "{text}");
     assert!(
@@ -312,19 +313,14 @@ fn stat_matches_the_devices() {
         "{text}"
     );
     assert!(text.contains("mem_limit 64M"), "{text}");
-    let mut out = Vec::new();
-    run_to(
-        ClientCommand::Stat {
-            json: true,
-            conn: f.conn(),
-        },
-        &mut out,
-    )
-    .unwrap();
-    let parsed: StatReply = serde_json::from_slice(&out).unwrap();
+    let out = printed(ClientCommand::Stat {
+        json: true,
+        conn: f.conn(),
+    });
+    let parsed: StatReply = serde_json::from_str(&out).unwrap();
     assert_eq!(parsed.devices[0].zram, f.device(0).stats());
     // zram's field names in the JSON, at the device's top level.
-    let v: Value = serde_json::from_slice(&out).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["devices"][0]["mm_stat"]["same_pages"], 20);
     assert_eq!(v["devices"][0]["disksize"], 4096 * 4096);
 }
@@ -349,13 +345,7 @@ fn compact_frees_pages() {
     for i in (1..2000).step_by(2) {
         check_page(d, i, PageKind::Heap);
     }
-    let mut out = Vec::new();
-    run_to(ClientCommand::Compact { conn: f.conn() }, &mut out).unwrap();
-    assert!(
-        String::from_utf8(out)
-            .unwrap()
-            .starts_with("compaction freed")
-    );
+    assert!(printed(ClientCommand::Compact { conn: f.conn() }).starts_with("compaction freed"));
 }
 
 #[test]
@@ -437,17 +427,11 @@ fn idle_then_recompress_shrinks_pages() {
     assert!(e.to_string().contains("priority 0"), "{e}");
 
     // The command-line path prints a line per device.
-    let mut out = Vec::new();
-    run_to(
-        ClientCommand::Idle {
-            age: IdleAge::All,
-            device: None,
-            conn: f.conn(),
-        },
-        &mut out,
-    )
-    .unwrap();
-    let text = String::from_utf8(out).unwrap();
+    let text = printed(ClientCommand::Idle {
+        age: IdleAge::All,
+        device: None,
+        conn: f.conn(),
+    });
     assert!(text.contains("vz0: 400 pages marked idle"), "{text}");
     assert!(text.contains("plain: 10 pages marked idle"), "{text}");
 }
@@ -569,16 +553,11 @@ fn mem_limit_and_mem_used_max() {
     assert!(failed > 0);
     assert!(f.store.mem_used_total() <= 1 << 20);
 
-    let mut out = Vec::new();
-    run_to(
-        ClientCommand::MemLimit {
-            size: 0,
-            conn: f.conn(),
-        },
-        &mut out,
-    )
-    .unwrap();
-    assert_eq!(String::from_utf8(out).unwrap(), "mem_limit: none\n");
+    let text = printed(ClientCommand::MemLimit {
+        size: 0,
+        conn: f.conn(),
+    });
+    assert_eq!(text, "mem_limit: none\n");
     assert_eq!(f.store.mem_limit(), 0);
 
     // mem_used_max stays at the high-water mark until reset.
