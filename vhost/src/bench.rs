@@ -147,7 +147,9 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         num_queues: args.num_queues,
         queue_size: 1024,
     };
-    let server = DeviceServer::start(served, blk, 0o600, Duration::from_micros(args.poll_us))
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .map_err(|e| BenchError::Setup(format!("{}: {e}", socket.display())))?;
+    let server = DeviceServer::start(served, listener, blk, Duration::from_micros(args.poll_us))
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let result = load::run(&load_options(socket, jobs, mix, args));
     // Hang up first: stopping waits for the connection to end.

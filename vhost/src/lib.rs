@@ -3,14 +3,16 @@
 //! The store (`zram`) outlives vhost-user connections; this crate adds virtio-blk request
 //! handling, the vhost-user backend, the daemon lifecycle, and the control plane.
 
-pub mod backend;
 pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod client;
+pub mod connection;
 pub mod control;
 pub mod counters;
 pub mod daemon;
+pub mod fault;
 pub mod ratelimit;
 pub mod served;
 pub mod table;
+pub mod vring;

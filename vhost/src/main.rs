@@ -106,10 +106,17 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     let mut servers = Vec::new();
     for (served, blk) in &built.devices {
+        let listener = match bind(&served.socket, args.socket_mode) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("vzram: {}: {e}", served.socket.display());
+                return ExitCode::FAILURE;
+            }
+        };
         match DeviceServer::start(
             served.clone(),
+            listener,
             blk.clone(),
-            args.socket_mode,
             std::time::Duration::from_micros(args.poll_us),
         ) {
             Ok(s) => {
@@ -166,4 +173,13 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let _ = std::fs::remove_file(&socket);
     // Exit without waiting for connected frontends to hang up (dropping the servers would).
     std::process::exit(0)
+}
+
+/// Binds a device socket, replacing a stale one (the operator-safety checks are issue #11's).
+fn bind(path: &std::path::Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
 }

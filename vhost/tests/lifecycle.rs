@@ -9,11 +9,12 @@ use vufront::{Device, Options};
 use vzram::blk::BlkGeometry;
 use vzram::daemon::{DEFAULT_POLL, DeviceServer};
 
-fn threads_named(name: &str) -> usize {
+/// Queue worker threads of device `vz0` ("vz0-q0", "vz0-q1", ...).
+fn workers() -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim() == name)
+        .filter(|comm| comm.starts_with("vz0-q"))
         .count()
 }
 
@@ -38,13 +39,10 @@ fn connections_come_and_go_without_leaking_threads() {
         num_queues: 4,
         queue_size: 128,
     };
-    let server = DeviceServer::start(served.clone(), blk, 0o600, DEFAULT_POLL).unwrap();
-    // The library names each queue's worker thread "vring_worker"; an idle daemon has the
-    // workers of the connection it is waiting for (made before accept).
-    let idle = 4;
-    wait_until("the first connection's workers", || {
-        threads_named("vring_worker") == idle
-    });
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let server = DeviceServer::start(served.clone(), listener, blk, DEFAULT_POLL).unwrap();
+    // Workers are started with their queue: an idle device has none.
+    assert_eq!(workers(), 0);
     for round in 0..5u64 {
         let mut dev = Device::connect(
             &socket,
@@ -55,6 +53,8 @@ fn connections_come_and_go_without_leaking_threads() {
             },
         )
         .unwrap();
+        // One worker per queue the frontend started.
+        wait_until("the queues' workers", || workers() == 2);
         let mut q = dev.take_queue(1).unwrap();
         let page = vec![round as u8 + 1; 4096];
         q.write(round * 8, &page).unwrap().check().unwrap();
@@ -71,16 +71,22 @@ fn connections_come_and_go_without_leaking_threads() {
             served.connections.load(Ordering::Relaxed) == round + 1
                 && !served.connected.load(Ordering::Relaxed)
         });
-        wait_until("the old workers to end", || {
-            threads_named("vring_worker") == idle
-        });
+        wait_until("the old workers to end", || workers() == 0);
     }
+    // A connected frontend is cut off by stop, and its workers end with it.
+    let dev = Device::connect(
+        &socket,
+        &Options {
+            queue_size: 128,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    wait_until("the last connection's workers", || workers() > 0);
     server.stop();
-    assert_eq!(
-        threads_named("vring_worker"),
-        0,
-        "stopping the server ends every worker"
-    );
-    assert!(!socket.exists());
+    assert_eq!(workers(), 0, "stopping the server ends every worker");
+    drop(dev);
+    // The socket file belongs to whoever bound it.
+    assert!(socket.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
