@@ -149,10 +149,12 @@ fn run(vring: &VringShared, conn: &Shared) {
             conn.fail("a queue worker cannot wait for requests");
             return;
         }
+        // Drain the wake-up before looking at `exit`: draining it after would swallow an
+        // exit request made in between, and the next poll would sleep for ever.
+        let _ = vring.wake.read();
         if vring.exit.load(Ordering::Acquire) {
             return;
         }
-        let _ = vring.wake.read();
         if let Some(mut k) = kick.as_deref() {
             // Non-blocking (set when the fd was accepted); empty is fine.
             let _ = k.read(&mut [0u8; 8]);
