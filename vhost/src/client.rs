@@ -413,7 +413,7 @@ pub fn run_to(cmd: ClientCommand, out: &mut dyn Write) -> Result<(), ClientError
     let conn = cmd.conn();
     let mut client = Client::connect(conn.path(), conn.timeout_secs())?;
     let req = cmd.request();
-    let text = match cmd {
+    let mut text = match cmd {
         ClientCommand::Stat { json, .. } => {
             let r: StatReply = client.call(&req)?;
             if json {
@@ -495,6 +495,12 @@ pub fn run_to(cmd: ClientCommand, out: &mut dyn Write) -> Result<(), ClientError
             format!("mem_used_max reset to {}\n", human_size(r.mem_used_max))
         }
     };
+    // The per-device commands list no line when the daemon has no device to act on; the
+    // operator still gets an answer.
+    if text.is_empty() {
+        let value = serde_json::to_value(&req).expect("requests serialise");
+        text = format!("{}: no device\n", value["cmd"].as_str().unwrap_or("done"));
+    }
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .map_err(ClientError::Output)

@@ -839,8 +839,7 @@ fn background_compaction_waits_for_its_threshold() {
         },
         || {},
     );
-    // Many timer ticks: wait until the control thread has been through at least some, by
-    // asking it something after a while (its commands and ticks run on one thread).
+    // Many timer ticks (every 5 ms) in 200 ms.
     std::thread::sleep(Duration::from_millis(200));
     let st = f.client().stat().unwrap();
     assert_eq!(st.store.pages_compacted, 0);
@@ -889,4 +888,314 @@ fn unreachable_socket_is_a_clear_error() {
     assert!(msg.contains(&path.display().to_string()), "{msg}");
     assert!(msg.contains("VZRAM_CONTROL"), "{msg}");
     assert!(!msg.contains('\n'));
+}
+
+#[test]
+fn idle_clients_do_not_lock_the_operator_out() {
+    let f = Fixture::new(&[dev("vz0")]);
+    // More silent clients than the table holds (128).
+    let mut idle: Vec<Raw> = (0..150).map(|_| f.raw()).collect();
+    let start = Instant::now();
+    let stat = f.client().stat().unwrap();
+    assert_eq!(stat.devices.len(), 1);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "stat took {took:?}");
+    assert!(
+        printed(ClientCommand::Stat {
+            json: false,
+            conn: f.conn()
+        })
+        .starts_with("NAME")
+    );
+    // The longest idle made room, oldest first: 150 + 2 clients, 128 places.
+    let evicted = 150 + 2 - 128;
+    for (i, raw) in idle.iter_mut().enumerate() {
+        raw.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(if i < evicted {
+                TIMEOUT_SECS * 1000
+            } else {
+                50
+            })))
+            .unwrap();
+        let mut line = String::new();
+        let got = raw.reader.read_line(&mut line);
+        if i < evicted {
+            assert!(line.contains("closed to make room"), "client {i}: {line}");
+            line.clear();
+            assert_eq!(raw.reader.read_line(&mut line).unwrap(), 0, "then EOF");
+        } else {
+            let e = got.expect_err("a client still in the table hears nothing");
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "client {i}");
+        }
+    }
+    // Those still in the table are served.
+    let last = idle.last_mut().unwrap();
+    last.reader.get_ref().set_read_timeout(None).unwrap();
+    assert_eq!(last.ask(r#"{"cmd":"stat"}"#)["ok"], true);
+}
+
+#[test]
+fn a_stalled_partial_line_is_dropped_after_the_idle_timeout() {
+    let f = Fixture::with(&[dev("vz0")], |c| {
+        c.compact_interval = None;
+        c.idle_timeout = Duration::from_millis(300);
+    });
+    let mut raw = f.raw();
+    let start = Instant::now();
+    assert_eq!(raw.ask(r#"{"cmd":"stat"}"#)["ok"], true);
+    raw.send(br#"{"cmd":"st"#);
+    let a = raw.answer();
+    let took = start.elapsed();
+    assert!(
+        error_of(&a).contains("no complete request for 0.3 s"),
+        "{a}"
+    );
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let mut rest = Vec::new();
+    raw.reader.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "closed");
+    // A client that says nothing at all goes the same way.
+    let mut silent = f.raw();
+    assert!(error_of(&silent.answer()).contains("no complete request"));
+    assert!(f.client().stat().is_ok());
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_block_others() {
+    let f = Fixture::with(&[dev("vz0")], |c| {
+        c.compact_interval = None;
+        c.write_timeout = Duration::from_millis(500);
+    });
+    let greedy = UnixStream::connect(&f.socket).unwrap();
+    let mut w = greedy.try_clone().unwrap();
+    // Stat answers (about 2 KiB each) it never reads; the write blocks once the daemon
+    // stops reading, and fails once the daemon gives up on it.
+    let writer = std::thread::spawn(move || {
+        let batch = b"{\"cmd\":\"stat\"}\n".repeat(100_000);
+        w.write_all(&batch).is_err()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = f.client();
+    for _ in 0..20 {
+        let start = Instant::now();
+        assert!(c.stat().is_ok());
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+    wait_for("the greedy client to be closed", || writer.is_finished());
+    assert!(writer.join().unwrap(), "its writes fail once it is closed");
+    drop(greedy);
+    assert!(c.stat().is_ok());
+}
+
+/// A device with enough text pages, all idle, that recompressing it takes seconds.
+fn long_recompression(on_shutdown: impl FnMut() + Send + 'static) -> Fixture {
+    let mut f = Fixture::unstarted(&[DevSpec {
+        pages: 32768,
+        ..dev("vz0")
+    }]);
+    fill(f.device(0), 0..32768, PageKind::Text);
+    f.device(0).mark_idle(None);
+    f.start(|c| c.compact_interval = None, on_shutdown);
+    f
+}
+
+/// Starts `vzram recompress` on its own client; returns once the pass is under way.
+fn start_recompress(f: &Fixture) -> std::thread::JoinHandle<Result<RecompressReply, ClientError>> {
+    let before = f.device(0).stats().mm_stat.compr_data_size;
+    let mut c = f.client();
+    let t = std::thread::spawn(move || {
+        c.call(&Request::Recompress {
+            device: None,
+            page_type: PageType::Idle,
+            threshold: None,
+            max_pages: None,
+            priority: None,
+        })
+    });
+    wait_for("the recompression to start", || {
+        f.device(0).stats().mm_stat.compr_data_size < before
+    });
+    t
+}
+
+fn check_text(f: &Fixture, pages: u64) {
+    for i in 0..pages {
+        check_page(f.device(0), i, PageKind::Text);
+    }
+}
+
+#[test]
+fn stat_answers_and_stop_is_prompt_during_a_long_recompression() {
+    let mut f = long_recompression(|| {});
+    let pass = start_recompress(&f);
+    let start = Instant::now();
+    let st = f.client().stat().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(st.devices.len(), 1);
+    assert!(!pass.is_finished(), "the test needs a longer recompression");
+
+    let start = Instant::now();
+    f.handle.take().unwrap().stop().unwrap();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "stop took {took:?}");
+    // Its connection is closed: no answer, or the reason it stopped.
+    match pass.join().unwrap() {
+        Err(ClientError::Closed) | Err(ClientError::Io { .. }) => {}
+        Err(ClientError::Server(m)) => assert!(m.contains("shutting down"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    check_text(&f, 32768);
+}
+
+#[test]
+fn a_shutdown_signal_ends_a_long_recompression() {
+    let (tx, rx) = mpsc::channel();
+    let f = long_recompression(move || tx.send(()).unwrap());
+    let pass = start_recompress(&f);
+    let start = Instant::now();
+    let tid = f.handle.as_ref().unwrap().thread_id();
+    // SAFETY: tgkill has no memory-safety preconditions; the thread is alive until stop.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    rx.recv_timeout(Duration::from_secs(2))
+        .expect("the shutdown callback within 2 s");
+    let e = pass.join().unwrap().unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the pass ended after {took:?}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with("stopped: the daemon is shutting down (recompression stopped after"),
+        "{e}"
+    );
+    // Maintenance does nothing from now on; the rest still answers.
+    let e = f
+        .client()
+        .call::<RecompressReply>(&Request::Recompress {
+            device: None,
+            page_type: PageType::Idle,
+            threshold: None,
+            max_pages: None,
+            priority: None,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("stopped after 0 pages tried"), "{e}");
+    assert!(f.client().stat().is_ok());
+    check_text(&f, 32768);
+}
+
+#[test]
+fn limit_zero_still_prints_a_line_per_device() {
+    let f = Fixture::new(&[
+        DevSpec {
+            backing: true,
+            ..dev("vz0")
+        },
+        DevSpec {
+            backing: true,
+            ..dev("vz1")
+        },
+    ]);
+    fill(f.device(0), 0..10, PageKind::Heap);
+    f.device(0).mark_idle(None);
+    let text = printed(ClientCommand::Writeback {
+        device: None,
+        page_type: PageType::Idle,
+        limit: Some(0),
+        conn: f.conn(),
+    });
+    assert_eq!(
+        text,
+        "vz0: 0 pages written back (0B)\nvz1: 0 pages written back (0B)\n"
+    );
+    let text = printed(ClientCommand::Recompress {
+        device: Some("vz1".into()),
+        page_type: PageType::Idle,
+        threshold: None,
+        max_pages: Some(0),
+        priority: 1,
+        conn: f.conn(),
+    });
+    assert_eq!(text, "vz1: 0 pages tried, 0 recompressed\n");
+    // A spent limit lists the rest with 0.
+    let text = printed(ClientCommand::Writeback {
+        device: None,
+        page_type: PageType::Idle,
+        limit: Some(4),
+        conn: f.conn(),
+    });
+    assert_eq!(
+        text,
+        "vz0: 4 pages written back (16K)\nvz1: 0 pages written back (0B)\n"
+    );
+    assert_eq!(f.device(0).stats().bd_stat.bd_count, 4);
+}
+
+#[test]
+fn a_daemon_without_devices_still_answers_every_command_with_a_line() {
+    let f = Fixture::new(&[]);
+    for (cmd, want) in [
+        (
+            ClientCommand::Writeback {
+                device: None,
+                page_type: PageType::Idle,
+                limit: Some(0),
+                conn: f.conn(),
+            },
+            "writeback: no device\n",
+        ),
+        (
+            ClientCommand::Recompress {
+                device: None,
+                page_type: PageType::Idle,
+                threshold: None,
+                max_pages: None,
+                priority: 1,
+                conn: f.conn(),
+            },
+            "recompress: no device\n",
+        ),
+        (
+            ClientCommand::Idle {
+                age: IdleAge::All,
+                device: None,
+                conn: f.conn(),
+            },
+            "idle: no device\n",
+        ),
+    ] {
+        assert_eq!(printed(cmd), want);
+    }
+}
+
+#[test]
+fn duplicate_keys_are_refused() {
+    let f = Fixture::new(&[dev("vz0")]);
+    fill(f.device(0), 0..2000, PageKind::Heap);
+    for i in (0..2000).step_by(2) {
+        f.device(0).discard(i, 1).unwrap();
+    }
+    let freeable = f.store.pool().freeable_pages();
+    assert!(freeable > 0);
+    let mut raw = f.raw();
+    let a = raw.ask(r#"{"cmd":"stat","cmd":"compact"}"#);
+    assert!(error_of(&a).contains(r#"duplicate key "cmd""#), "{a}");
+    let a = raw.ask(r#"{"cmd":"mem_limit","bytes":4096,"bytes":0}"#);
+    assert!(error_of(&a).contains(r#"duplicate key "bytes""#), "{a}");
+    // Nothing ran.
+    assert_eq!(f.store.pool().freeable_pages(), freeable);
+    assert_eq!(f.store.pages_compacted(), 0);
+    assert_eq!(f.store.mem_limit(), 0);
+    // Bad bytes are errors too, on a connection that keeps going.
+    raw.send(b"{\"cmd\":\"st\xffat\"}\n{\"cmd\":\"stat\",\"id\":\"ok\"}\n");
+    assert!(error_of(&raw.answer()).starts_with("malformed JSON"));
+    assert_eq!(raw.answer()["id"], "ok");
 }

@@ -6,6 +6,7 @@ use crate::stats::{BdStat, Counters, IoStat, MmStat, Stats};
 use crate::{Error, SECTOR_SIZE, Store};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use zcomp::{Comp, Priority, Stream};
@@ -490,6 +491,22 @@ impl Device {
         prio: Priority,
         stream: &mut Stream,
     ) -> Result<RecompressResult, Error> {
+        let never = AtomicBool::new(false);
+        self.recompress_until(filter, threshold, max_pages, prio, stream, &never)
+    }
+
+    /// [`Device::recompress`] that also ends early once `stop` is set (checked before each
+    /// page), returning what it did so far. Every page stays readable with its content: a page
+    /// is either left as it was or replaced whole.
+    pub fn recompress_until(
+        &self,
+        filter: PageFilter,
+        threshold: Option<usize>,
+        max_pages: Option<u64>,
+        prio: Priority,
+        stream: &mut Stream,
+        stop: &AtomicBool,
+    ) -> Result<RecompressResult, Error> {
         if prio.is_primary() || self.comp.backend(prio).is_none() {
             return Err(Error::InvalidArgument(format!(
                 "no secondary algorithm with priority {}",
@@ -500,7 +517,7 @@ impl Device {
         let mut result = RecompressResult::default();
         let mut page = [0u8; PAGE_SIZE];
         for i in 0..self.pages as usize {
-            if max_pages.is_some_and(|m| result.tried >= m) {
+            if max_pages.is_some_and(|m| result.tried >= m) || stop.load(Relaxed) {
                 break;
             }
             let mut g = self.slots.get(i).lock();
@@ -564,12 +581,26 @@ impl Device {
     /// Moves matching pages, compressed as they are, to the backing file, up to `limit` pages
     /// and within the writeback limit (if enabled). Returns the pages written.
     pub fn writeback(&self, filter: PageFilter, limit: Option<u64>) -> Result<u64, Error> {
+        self.writeback_until(filter, limit, &AtomicBool::new(false))
+    }
+
+    /// [`Device::writeback`] that also ends early once `stop` is set (checked before each
+    /// page), returning the pages written so far.
+    pub fn writeback_until(
+        &self,
+        filter: PageFilter,
+        limit: Option<u64>,
+        stop: &AtomicBool,
+    ) -> Result<u64, Error> {
         let backing = self.backing.as_ref().ok_or(Error::NoBackingFile)?;
         let mut buf = [0u8; PAGE_SIZE];
         let mut local = [0u8; PAGE_SIZE];
         let mut written = 0;
         for i in 0..self.pages as usize {
-            if limit.is_some_and(|l| written >= l) || !self.take_writeback_budget() {
+            if limit.is_some_and(|l| written >= l) || stop.load(Relaxed) {
+                break;
+            }
+            if !self.take_writeback_budget() {
                 break;
             }
             let mut g = self.slots.get(i).lock();
@@ -947,6 +978,90 @@ mod tests {
             no_file.writeback(PageFilter::Huge, None),
             Err(Error::NoBackingFile)
         ));
+    }
+
+    /// Runs `pass` on another thread, sets its stop flag once `started` sees it under way,
+    /// and returns what the pass reports.
+    fn stop_midway<T: Send>(
+        pass: impl FnOnce(&AtomicBool) -> T + Send,
+        started: impl Fn() -> bool,
+    ) -> T {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let t = sc.spawn(|| pass(&stop));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !started() {
+                assert!(Instant::now() < deadline, "the pass never got going");
+                std::thread::yield_now();
+            }
+            stop.store(true, Relaxed);
+            t.join().unwrap()
+        })
+    }
+
+    #[test]
+    fn recompression_stops_early_when_asked_and_pages_stay_readable() {
+        const N: u64 = 4096;
+        let st = store(16384);
+        let dev = device(&st, N, None);
+        let mut s = dev.new_stream();
+        for i in 0..N {
+            dev.write_page(i, &page(PageKind::Text, i), &mut s).unwrap();
+        }
+        assert_eq!(dev.mark_idle(None), N);
+        let prio = Priority::new(1).unwrap();
+        // Set before the pass: nothing is tried.
+        let stop = AtomicBool::new(true);
+        let r = dev
+            .recompress_until(PageFilter::Idle, None, None, prio, &mut s, &stop)
+            .unwrap();
+        assert_eq!(r, RecompressResult::default());
+
+        let before = dev.stats().mm_stat.compr_data_size;
+        let r = stop_midway(
+            |stop| {
+                let mut s = dev.new_stream();
+                dev.recompress_until(PageFilter::Idle, None, None, prio, &mut s, stop)
+                    .unwrap()
+            },
+            || dev.stats().mm_stat.compr_data_size < before,
+        );
+        assert!(r.tried > 0 && r.tried < N, "stopped part-way: {r:?}");
+        for i in 0..N {
+            assert_eq!(read(&dev, i, &mut s), page(PageKind::Text, i), "page {i}");
+        }
+        // The rest is still there to do, and a new pass does it (reading cleared the marks).
+        dev.mark_idle(None);
+        let rest = recompress_idle(&dev, &mut s);
+        assert_eq!(r.tried + rest.tried, N);
+    }
+
+    #[test]
+    fn writeback_stops_early_when_asked_and_pages_stay_readable() {
+        const N: u64 = 4096;
+        let path = temp_path("wb-stop");
+        let st = store(16384);
+        let dev = device(&st, N, Some(path.clone()));
+        let mut s = dev.new_stream();
+        for i in 0..N {
+            dev.write_page(i, &page(PageKind::Heap, i), &mut s).unwrap();
+        }
+        dev.mark_idle(None);
+        assert_eq!(
+            dev.writeback_until(PageFilter::Idle, None, &AtomicBool::new(true))
+                .unwrap(),
+            0
+        );
+        let written = stop_midway(
+            |stop| dev.writeback_until(PageFilter::Idle, None, stop).unwrap(),
+            || dev.stats().bd_stat.bd_writes > 0,
+        );
+        assert!(written > 0 && written < N, "stopped part-way: {written}");
+        assert_eq!(dev.stats().bd_stat.bd_count, written);
+        for i in 0..N {
+            assert_eq!(read(&dev, i, &mut s), page(PageKind::Heap, i), "page {i}");
+        }
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

@@ -2,8 +2,12 @@
 
 use super::proto::*;
 use crate::served::Served;
+use parking_lot::Mutex;
+use serde::de::{Deserialize, Deserializer, Error as _, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use zcomp::Priority;
@@ -14,6 +18,8 @@ use zram::Store;
 pub enum CommandError {
     #[error("malformed JSON: {0}")]
     Json(serde_json::Error),
+    #[error("bad request: {0}")]
+    DuplicateKey(serde_json::Error),
     #[error("a request must be a JSON object with a \"cmd\", like {{\"cmd\":\"stat\"}}")]
     NotAnObject,
     #[error("\"cmd\" must be a string")]
@@ -35,13 +41,48 @@ pub enum CommandError {
     NoEligibleDevice(String),
     #[error("{device}: {source}")]
     Device { device: String, source: zram::Error },
+    #[error("stopped: the daemon is shutting down ({done})")]
+    Stopped { done: String },
 }
 
-/// What the control thread needs to answer requests.
+/// What the control threads need to answer requests.
 #[derive(Debug)]
 pub(crate) struct Context {
     pub devices: Vec<Arc<Served>>,
     pub store: Arc<Store>,
+    /// Set on shutdown: a running recompression or writeback stops at the next page.
+    pub cancel: AtomicBool,
+    /// Held by the maintenance passes, which run one at a time.
+    maintenance: Mutex<()>,
+}
+
+/// A JSON object's keys, each seen once: serde_json keeps the last of duplicated keys, and
+/// `{"cmd":"stat","cmd":"compact"}` must not quietly compact.
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<UniqueKeys, D::Error> {
+        struct Keys;
+        impl<'de> Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+                let mut seen = HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(A::Error::custom(format_args!(
+                            "duplicate key {key:?}; each key may appear once"
+                        )));
+                    }
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(Keys)
+    }
 }
 
 /// Parses one request line: the request and the `id` to echo (if the line was an object).
@@ -54,6 +95,9 @@ fn parse(line: &[u8]) -> (Option<Value>, Result<Request, CommandError>) {
         return (None, Err(CommandError::NotAnObject));
     };
     let id = map.remove("id");
+    if let Err(e) = serde_json::from_slice::<UniqueKeys>(line) {
+        return (id, Err(CommandError::DuplicateKey(e)));
+    }
     // Checked here rather than left to serde, whose message for an unknown variant of an
     // internally tagged enum does not say "command".
     let cmd = match map.get("cmd") {
@@ -76,6 +120,15 @@ fn parse(line: &[u8]) -> (Option<Value>, Result<Request, CommandError>) {
 }
 
 impl Context {
+    pub fn new(devices: Vec<Arc<Served>>, store: Arc<Store>) -> Context {
+        Context {
+            devices,
+            store,
+            cancel: AtomicBool::new(false),
+            maintenance: Mutex::new(()),
+        }
+    }
+
     /// Answers one request line with one response line (newline included). Never fails: every
     /// error becomes an `{"ok":false}` response.
     pub fn handle_line(&self, line: &[u8]) -> Vec<u8> {
@@ -113,6 +166,7 @@ impl Context {
         Ok(match req {
             Request::Stat => Reply::Stat(self.stat()),
             Request::Compact => {
+                let _one_at_a_time = self.maintenance.lock();
                 let freed = self.store.compact() as u64;
                 Reply::Compact(CompactReply {
                     pages_freed: freed,
@@ -121,6 +175,7 @@ impl Context {
             }
             Request::Idle { device, age_secs } => {
                 let age = age_secs.map(Duration::from_secs);
+                let _one_at_a_time = self.maintenance.lock();
                 let devices = self
                     .targets(device.as_deref())?
                     .into_iter()
@@ -241,8 +296,10 @@ impl Context {
             devices: Vec::new(),
             skipped: Vec::new(),
         };
+        let targets = self.targets(device)?;
+        let _one_at_a_time = self.maintenance.lock();
         let mut tried = 0u64;
-        for s in self.targets(device)? {
+        for s in targets {
             // Every device when none was named: those without this algorithm are left out;
             // a named one without it is an error (below, from zram).
             if device.is_none() && s.device.comp().backend(prio).is_none() {
@@ -252,14 +309,20 @@ impl Context {
                 });
                 continue;
             }
+            // Once `max_pages` is spent, the pass tries nothing, but the device is still
+            // listed (with 0): every command says what it did.
             let left = max_pages.map(|m| m.saturating_sub(tried));
-            if left == Some(0) {
-                break;
-            }
             let mut stream = s.device.new_stream();
             let r = s
                 .device
-                .recompress(page_type.into(), threshold, left, prio, &mut stream)
+                .recompress_until(
+                    page_type.into(),
+                    threshold,
+                    left,
+                    prio,
+                    &mut stream,
+                    &self.cancel,
+                )
                 .map_err(|source| CommandError::Device {
                     device: s.name.clone(),
                     source,
@@ -270,6 +333,11 @@ impl Context {
                 tried: r.tried,
                 recompressed: r.recompressed,
             });
+            if self.cancel.load(Relaxed) {
+                return Err(CommandError::Stopped {
+                    done: format!("recompression stopped after {tried} pages tried"),
+                });
+            }
         }
         if reply.devices.is_empty() && !reply.skipped.is_empty() {
             return Err(CommandError::NoEligibleDevice(format!(
@@ -290,19 +358,27 @@ impl Context {
             devices: Vec::new(),
             skipped: Vec::new(),
         };
+        let targets = self.targets(device)?;
+        let _one_at_a_time = self.maintenance.lock();
         let mut written = 0u64;
-        for s in self.targets(device)? {
+        for s in targets {
+            // As for recompression: a spent limit still lists the device, with 0.
             let left = limit.map(|l| l.saturating_sub(written));
-            if left == Some(0) {
-                break;
-            }
-            match s.device.writeback(page_type.into(), left) {
+            match s
+                .device
+                .writeback_until(page_type.into(), left, &self.cancel)
+            {
                 Ok(n) => {
                     written += n;
                     reply.devices.push(WritebackDevice {
                         name: s.name.clone(),
                         written: n,
                     });
+                    if self.cancel.load(Relaxed) {
+                        return Err(CommandError::Stopped {
+                            done: format!("writeback stopped after {written} pages written"),
+                        });
+                    }
                 }
                 // Every device when none was named: those without a backing file are left
                 // out, not an error.
@@ -453,6 +529,47 @@ mod tests {
         assert!(err(r#"{"cmd":"mem_limit","bytes":-1}"#).contains("mem_limit"));
         assert!(err(r#"{"cmd":"writeback","type":"cold"}"#).contains("unknown variant"));
         assert!(err(r#"{"cmd":"recompress"}"#).contains("missing field `type`"));
+        // Wrong types.
+        assert!(err(r#"{"cmd":"mem_limit","bytes":"1G"}"#).contains("invalid type: string"));
+        assert!(err(r#"{"cmd":"idle","device":7}"#).contains("invalid type: integer"));
+        assert!(err(r#"{"cmd":"idle","age_secs":1.5}"#).contains("invalid type"));
+        assert!(err(r#"{"cmd":["stat"]}"#).contains("must be a string"));
+        assert!(err(r#"{"cmd":null}"#).contains("must be a string"));
+        // Invalid UTF-8, inside a string or outside one.
+        assert!(err("{\"cmd\":\"st\u{0}at\"}").starts_with("malformed JSON"));
+        for bytes in [
+            &b"{\"cmd\":\"st\xffat\"}"[..],
+            b"\xff\xfe",
+            b"{\"cmd\":\"stat\"}\xc3",
+        ] {
+            let e = parse(bytes).1.unwrap_err().to_string();
+            assert!(e.starts_with("malformed JSON"), "{e}");
+        }
+        // Nothing after the object, and exactly one object.
+        assert!(err(r#"{"cmd":"stat"} {"cmd":"compact"}"#).starts_with("malformed JSON"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        for line in [
+            r#"{"cmd":"stat","cmd":"compact"}"#,
+            r#"{"cmd":"compact","cmd":"stat"}"#,
+            r#"{"cmd":"mem_limit","bytes":1,"bytes":0}"#,
+            r#"{"id":1,"cmd":"stat","id":2}"#,
+            r#"{"cmd":"idle","device":"a","age_secs":1,"device":"a"}"#,
+        ] {
+            let e = parse_str(line).1.unwrap_err().to_string();
+            assert!(e.contains("duplicate key"), "{line}: {e}");
+        }
+        let e = parse_str(r#"{"cmd":"stat","cmd":"compact"}"#)
+            .1
+            .unwrap_err();
+        assert!(e.to_string().contains(r#"duplicate key "cmd""#), "{e}");
+        // The same key in different objects is fine.
+        assert_eq!(
+            parse_str(r#"{"cmd":"stat","id":{"cmd":1}}"#).1.unwrap(),
+            Request::Stat
+        );
     }
 
     #[test]

@@ -1,15 +1,20 @@
-//! The control plane: one thread, one event loop (event-manager) over
+//! The control plane: plain threads with timeouts.
 //!
-//! - the control socket (a Unix stream socket speaking JSON lines, see [`proto`]) and every
-//!   client connection on it,
-//! - a timer that compacts the pool when enough pages would be freed,
-//! - a signalfd for SIGTERM and SIGINT, which calls the daemon's shutdown callback,
-//! - an eventfd that [`ControlHandle::stop`] uses to end the loop.
+//! - `vzram-control` waits (poll) on the control socket, the SIGTERM/SIGINT signalfd and a stop
+//!   eventfd. It accepts clients and calls the daemon's shutdown callback; nothing on it blocks.
+//! - `vzram-ctl-conn`, one per client (at most [`ServerConfig::max_connections`]), reads request
+//!   lines and answers each in turn (see [`proto`]). A client that sends no complete request
+//!   for [`ServerConfig::idle_timeout`], or does not take an answer within
+//!   [`ServerConfig::write_timeout`], is closed. When the table is full, a newcomer closes the
+//!   connection that has waited longest for a request (one running a command is never
+//!   closed), so an operator always gets in.
+//! - `vzram-compact` checks every `compact_interval` whether compaction would free enough.
 //!
-//! Commands run on this thread, one at a time. Recompression and writeback of a large device
-//! can take a while; other clients and signals wait meanwhile (the client's timeout is
-//! generous). The store's operations are safe beside the vhost-user workers, so nothing here
-//! stops guest I/O.
+//! Commands of different clients run side by side (`stat` answers during a recompression);
+//! the maintenance passes (idle, recompress, writeback, compact) take one lock so that they
+//! run one at a time. A shutdown signal or [`ControlHandle::stop`] sets a flag that ends a
+//! running recompression or writeback within a page. The store's operations are safe beside
+//! the vhost-user workers, so nothing here stops guest I/O.
 //!
 //! Signals: a process-directed signal goes to any thread that does not block it. The daemon
 //! calls [`block_shutdown_signals`] in `main` before it starts any thread, so that every
@@ -24,20 +29,21 @@ pub use conn::MAX_LINE;
 pub use proto::*;
 
 use commands::Context;
-use conn::{Conn, Next};
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::timerfd::TimerFd;
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::served::Served;
 
@@ -47,10 +53,14 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 pub const DEFAULT_COMPACT_INTERVAL: Duration = Duration::from_secs(5);
 /// Compact when at least this many pages (4 MiB) would be freed.
 pub const DEFAULT_COMPACT_THRESHOLD_PAGES: usize = 1024;
+/// A client that sends no complete request for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not take an answer within this long is closed.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Clients served at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 /// The signals that ask the daemon to shut down.
 pub const SHUTDOWN_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
-/// Connections beyond this many are answered with an error and closed.
-const MAX_CONNECTIONS: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -65,8 +75,6 @@ pub enum ControlError {
         what: &'static str,
         source: io::Error,
     },
-    #[error("control plane event loop: {0}")]
-    EventLoop(#[from] event_manager::Error),
     #[error("the control thread panicked")]
     Panicked,
 }
@@ -85,7 +93,7 @@ pub struct ServerConfig {
     /// The control socket's path. An existing socket nobody listens on (left by a crash) is
     /// replaced; a live one or another kind of file is an error.
     pub socket: PathBuf,
-    /// The socket file's mode ([`DEFAULT_SOCKET_MODE`]).
+    /// The socket file's mode ([`DEFAULT_SOCKET_MODE`], whatever the vhost-user sockets use).
     pub mode: u32,
     /// How often to check whether background compaction is due; `None`: never.
     pub compact_interval: Option<Duration>,
@@ -93,11 +101,18 @@ pub struct ServerConfig {
     pub compact_threshold_pages: usize,
     /// Take SIGTERM and SIGINT through a signalfd and call the shutdown callback.
     pub handle_signals: bool,
+    /// Close a client that sends no complete request for this long ([`DEFAULT_IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
+    /// Close a client that does not take an answer within this long
+    /// ([`DEFAULT_WRITE_TIMEOUT`]).
+    pub write_timeout: Duration,
+    /// Clients served at once ([`DEFAULT_MAX_CONNECTIONS`], at least 1).
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
     /// The defaults: mode 0600, compaction checked every 5 s at a threshold of 1024 pages,
-    /// signals handled.
+    /// signals handled, 128 clients closed after 10 s without a request.
     pub fn new(socket: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
             socket: socket.into(),
@@ -105,6 +120,9 @@ impl ServerConfig {
             compact_interval: Some(DEFAULT_COMPACT_INTERVAL),
             compact_threshold_pages: DEFAULT_COMPACT_THRESHOLD_PAGES,
             handle_signals: true,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -204,45 +222,150 @@ fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), ControlErr
     Ok((listener, file))
 }
 
-/// The control plane's event subscriber: owns every fd the loop watches.
-pub struct Server {
-    listener: UnixListener,
-    conns: HashMap<RawFd, Conn>,
-    ctx: Context,
-    timer: Option<TimerFd>,
-    compact_threshold: usize,
-    signals: Option<File>,
-    stop: EventFd,
-    on_shutdown: Box<dyn FnMut() + Send>,
-    stopped: bool,
-    init_error: Option<event_manager::Error>,
-    // Last: the socket file goes after the listener is closed.
-    socket_file: SocketFile,
+/// One client in the table.
+#[derive(Debug)]
+struct Client {
+    /// A clone of the client's socket, to close it from outside its thread.
+    stream: UnixStream,
+    /// When it connected or last had a request answered.
+    since: Instant,
+    /// Running a command: never evicted.
+    busy: bool,
+    thread: Option<JoinHandle<()>>,
 }
 
-impl std::fmt::Debug for Server {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("socket", &self.socket_file.path)
-            .field("connections", &self.conns.len())
-            .finish_non_exhaustive()
+/// What the control threads share.
+#[derive(Debug)]
+struct Shared {
+    ctx: Context,
+    clients: Mutex<HashMap<u64, Client>>,
+    limits: conn::Limits,
+    max_connections: usize,
+}
+
+const TOO_MANY: &[u8] = b"{\"ok\":false,\"error\":\"too many control connections, all busy\"}\n";
+const EVICTED: &[u8] =
+    b"{\"ok\":false,\"error\":\"closed to make room for a new control connection\"}\n";
+
+impl Shared {
+    /// Closes the client that has waited longest for a request, unless every one is running
+    /// a command. Its thread sees EOF and ends.
+    fn evict_idlest(&self) -> bool {
+        let mut clients = self.clients.lock();
+        let Some(id) = clients
+            .iter()
+            .filter(|(_, c)| !c.busy)
+            .min_by_key(|(_, c)| c.since)
+            .map(|(&id, _)| id)
+        else {
+            return false;
+        };
+        let c = clients.remove(&id).expect("just found");
+        drop(clients);
+        // Best effort: a client that left its buffer full does not get the reason.
+        let _ = conn::send(&c.stream, EVICTED, libc::MSG_DONTWAIT);
+        let _ = c.stream.shutdown(Shutdown::Both);
+        log::info!("control socket: closed the longest-idle connection for a new one");
+        true
+    }
+
+    fn mark(&self, id: u64, busy: bool) {
+        if let Some(c) = self.clients.lock().get_mut(&id) {
+            c.busy = busy;
+            c.since = Instant::now();
+        }
+    }
+
+    /// Takes a new client: a table entry and its thread.
+    fn admit(self: &Arc<Self>, stream: UnixStream, id: u64) {
+        if self.clients.lock().len() >= self.max_connections && !self.evict_idlest() {
+            log::warn!(
+                "control socket: {} clients, all busy; refusing one",
+                self.max_connections
+            );
+            let _ = conn::send(&stream, TOO_MANY, libc::MSG_DONTWAIT);
+            return;
+        }
+        let entry = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.try_clone());
+        let entry = match entry {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("control connection: {e}");
+                return;
+            }
+        };
+        // In the table before the thread starts, so that its exit always finds its entry.
+        self.clients.lock().insert(
+            id,
+            Client {
+                stream: entry,
+                since: Instant::now(),
+                busy: false,
+                thread: None,
+            },
+        );
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vzram-ctl-conn".into())
+            .spawn(move || {
+                let _leave = Leave(&shared, id);
+                let handle = &mut |line: &[u8]| {
+                    shared.mark(id, true);
+                    let answer = shared.ctx.handle_line(line);
+                    shared.mark(id, false);
+                    answer
+                };
+                if let Err(e) = conn::serve(&stream, shared.limits, handle) {
+                    log::debug!("control connection: {e}");
+                }
+            });
+        match spawned {
+            Ok(t) => {
+                if let Some(c) = self.clients.lock().get_mut(&id) {
+                    c.thread = Some(t);
+                }
+            }
+            Err(e) => {
+                log::warn!("control connection: no thread: {e}");
+                self.clients.lock().remove(&id);
+            }
+        }
     }
 }
 
-/// The running control plane. Dropping it stops the thread too.
-#[derive(Debug)]
-pub struct ControlHandle {
-    thread: Option<JoinHandle<Result<(), ControlError>>>,
-    stop: EventFd,
-    tid: libc::pid_t,
-    socket: PathBuf,
+/// Takes a client out of the table when its thread ends, even by a panic.
+struct Leave<'a>(&'a Shared, u64);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.clients.lock().remove(&self.1);
+    }
 }
 
+/// The running control plane. Dropping it stops it too.
+#[derive(Debug)]
+pub struct ControlHandle {
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+    compactor: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    wake: EventFd,
+    tid: libc::pid_t,
+    socket: PathBuf,
+    // Last: the file goes once the listener (on the acceptor thread) is closed.
+    socket_file: Option<SocketFile>,
+}
+
+/// The control plane's entry point.
+#[derive(Debug)]
+pub struct Server;
+
 impl Server {
-    /// Binds the control socket and starts the control thread. When this returns, clients can
-    /// connect. `on_shutdown` is called on the control thread for each SIGTERM or SIGINT (so a
-    /// second signal may, for instance, force the exit); the control plane keeps serving until
-    /// [`ControlHandle::stop`].
+    /// Binds the control socket and starts the control threads. When this returns, clients
+    /// can connect. `on_shutdown` is called for each SIGTERM or SIGINT (so a second signal may,
+    /// for instance, force the exit), after a running recompression or writeback has been
+    /// told to stop; the control plane keeps serving until [`ControlHandle::stop`].
     pub fn start(
         config: ServerConfig,
         devices: Vec<Arc<Served>>,
@@ -250,153 +373,151 @@ impl Server {
         on_shutdown: impl FnMut() + Send + 'static,
     ) -> Result<ControlHandle, ControlError> {
         let (listener, socket_file) = bind(&config.socket, config.mode)?;
-        let timer = match config.compact_interval {
-            None => None,
-            Some(interval) => {
-                // A zero interval would disarm the timer.
-                let interval = interval.max(Duration::from_millis(1));
-                let mut timer = TimerFd::new().map_err(errno).map_err(setup("timerfd"))?;
-                timer
-                    .reset(interval, Some(interval))
-                    .map_err(errno)
-                    .map_err(setup("timerfd"))?;
-                Some(timer)
-            }
-        };
         let signals = if config.handle_signals {
             Some(signalfd().map_err(setup("signalfd"))?)
         } else {
             None
         };
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?;
-        let server = Server {
-            listener,
-            conns: HashMap::new(),
-            ctx: Context { devices, store },
-            timer,
-            compact_threshold: config.compact_threshold_pages.max(1),
-            signals,
-            stop: stop.try_clone().map_err(setup("eventfd"))?,
-            on_shutdown: Box::new(on_shutdown),
-            stopped: false,
-            init_error: None,
-            socket_file,
-        };
-        let mut em = EventManager::new()?;
-        let id = em.add_subscriber(server);
-        if let Some(e) = em.subscriber_mut(id)?.init_error.take() {
-            return Err(e.into());
-        }
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("eventfd"))?;
+        let shared = Arc::new(Shared {
+            ctx: Context::new(devices, store),
+            clients: Mutex::new(HashMap::new()),
+            limits: conn::Limits {
+                idle: config.idle_timeout,
+                write: config.write_timeout,
+            },
+            max_connections: config.max_connections.max(1),
+        });
 
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let acceptor = Acceptor {
+            listener,
+            wake: wake.try_clone().map_err(setup("eventfd"))?,
+            signals,
+            shared: shared.clone(),
+            on_shutdown: Box::new(on_shutdown),
+        };
         let handle_signals = config.handle_signals;
-        let thread = std::thread::Builder::new()
+        let acceptor = std::thread::Builder::new()
             .name("vzram-control".into())
             .spawn(move || {
                 // In case `main` did not block them: then at least signals directed at this
-                // thread reach the signalfd.
+                // thread reach the signalfd (and the client threads it starts inherit the mask).
                 if handle_signals && let Err(e) = block_shutdown_signals() {
                     log::warn!("blocking SIGTERM/SIGINT on the control thread: {e}");
                 }
                 // SAFETY: gettid has no preconditions.
                 let _ = tid_tx.send(unsafe { libc::gettid() });
-                run(em, id)
+                acceptor.run()
             })
             .map_err(setup("spawning the control thread"))?;
         let tid = tid_rx.recv().map_err(|_| ControlError::Panicked)?;
-        log::info!("control socket listening on {}", config.socket.display());
-        Ok(ControlHandle {
-            thread: Some(thread),
-            stop,
+        let mut handle = ControlHandle {
+            shared,
+            acceptor: Some(acceptor),
+            compactor: None,
+            wake,
             tid,
             socket: config.socket,
-        })
+            socket_file: Some(socket_file),
+        };
+        if let Some(interval) = config.compact_interval {
+            let (tx, rx) = mpsc::channel();
+            let store = handle.shared.ctx.store.clone();
+            let threshold = config.compact_threshold_pages.max(1);
+            let thread = std::thread::Builder::new()
+                .name("vzram-compact".into())
+                .spawn(move || compactor(&store, interval, threshold, &rx))
+                .map_err(setup("spawning the compaction thread"))?;
+            handle.compactor = Some((tx, thread));
+        }
+        log::info!("control socket listening on {}", handle.socket.display());
+        Ok(handle)
+    }
+}
+
+/// Every `interval` until the sender goes: compacts when enough pages would be freed.
+fn compactor(store: &zram::Store, interval: Duration, threshold: usize, stop: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        let freeable = store.pool().freeable_pages();
+        if freeable >= threshold {
+            let freed = store.compact();
+            log::info!("background compaction: {freed} pages freed ({freeable} were freeable)");
+        }
+    }
+}
+
+/// The `vzram-control` thread's state.
+struct Acceptor {
+    listener: UnixListener,
+    wake: EventFd,
+    signals: Option<File>,
+    shared: Arc<Shared>,
+    on_shutdown: Box<dyn FnMut() + Send>,
+}
+
+impl Acceptor {
+    fn run(mut self) {
+        let fd = |raw| libc::pollfd {
+            fd: raw,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // poll ignores a negative fd.
+        let mut fds = [
+            fd(self.wake.as_raw_fd()),
+            fd(self.signals.as_ref().map_or(-1, |s| s.as_raw_fd())),
+            fd(self.listener.as_raw_fd()),
+        ];
+        let mut next_id = 0u64;
+        loop {
+            // SAFETY: `fds` is an array of initialised pollfd of the length given, valid for
+            // the call; every fd in it is owned by `self` and open.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::warn!("control plane poll: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            if fds[0].revents != 0 {
+                return;
+            }
+            if fds[1].revents != 0 {
+                self.on_signal();
+            }
+            if fds[2].revents != 0 {
+                self.accept(&mut next_id);
+            }
+        }
     }
 
-    fn accept(&mut self, ops: &mut EventOps) {
+    fn accept(&mut self, next_id: &mut u64) {
         loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    *next_id += 1;
+                    self.shared.admit(stream, *next_id);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) =>
-                {
-                    continue;
-                }
+                    ) => {}
                 Err(e) => {
-                    // Out of fds, most likely. The listener stays readable, so pause rather
-                    // than spin.
+                    // Out of fds, most likely: an idle client gives one back (once its thread
+                    // ends). The listener stays readable, so pause rather than spin.
                     log::warn!("control socket accept: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
+                    let freed = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                        && self.shared.evict_idlest();
+                    let pause = if freed { 10 } else { 100 };
+                    std::thread::sleep(Duration::from_millis(pause));
                     return;
                 }
-            };
-            if self.conns.len() >= MAX_CONNECTIONS {
-                log::warn!("control socket: more than {MAX_CONNECTIONS} clients; refusing one");
-                // Best effort: a fresh socket's buffer takes this short line at once.
-                let _ = conn::send(
-                    &stream,
-                    b"{\"ok\":false,\"error\":\"too many control connections\"}\n",
-                );
-                continue;
             }
-            let fd = stream.as_raw_fd();
-            if let Err(e) = stream.set_nonblocking(true) {
-                log::warn!("control connection: {e}");
-                continue;
-            }
-            if let Err(e) = ops.add(Events::new(&stream, EventSet::IN)) {
-                log::warn!("control connection: {e}");
-                continue;
-            }
-            self.conns.insert(fd, Conn::new(stream));
-        }
-    }
-
-    fn on_conn(&mut self, fd: RawFd, set: EventSet, ops: &mut EventOps) {
-        let Some(conn) = self.conns.get_mut(&fd) else {
-            return;
-        };
-        let ctx = &self.ctx;
-        let next = drive(conn, set, &mut |line| ctx.handle_line(line)).unwrap_or_else(|e| {
-            log::debug!("control connection: {e}");
-            Next::Close
-        });
-        if next == conn.interest {
-            return;
-        }
-        let events = match next {
-            Next::Read => EventSet::IN,
-            Next::Write => EventSet::OUT,
-            Next::Close => {
-                // Out of the epoll set before the fd is closed (dropped).
-                let _ = ops.remove(Events::empty_raw(fd));
-                self.conns.remove(&fd);
-                return;
-            }
-        };
-        if let Err(e) = ops.modify(Events::new_raw(fd, events)) {
-            log::warn!("control connection: {e}");
-            let _ = ops.remove(Events::empty_raw(fd));
-            self.conns.remove(&fd);
-            return;
-        }
-        conn.interest = next;
-    }
-
-    fn on_timer(&mut self) {
-        if let Some(timer) = &mut self.timer {
-            // Readable means expired: this read does not block.
-            let _ = timer.wait();
-        }
-        let pool = self.ctx.store.pool();
-        let freeable = pool.freeable_pages();
-        if freeable >= self.compact_threshold {
-            let freed = self.ctx.store.compact();
-            log::info!("background compaction: {freed} pages freed ({freeable} were freeable)");
         }
     }
 
@@ -416,6 +537,7 @@ impl Server {
                         _ => "a signal",
                     };
                     log::info!("received {name}: shutting down");
+                    self.shared.ctx.cancel.store(true, Relaxed);
                     (self.on_shutdown)();
                 }
                 Ok(_) => return,
@@ -431,84 +553,49 @@ impl Server {
     }
 }
 
-/// Reads (if the connection waits to read and the event says so), answers, sends.
-fn drive(
-    conn: &mut Conn,
-    set: EventSet,
-    handle: &mut dyn FnMut(&[u8]) -> Vec<u8>,
-) -> io::Result<Next> {
-    if conn.interest == Next::Read
-        && set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
-    {
-        conn.read_once()?;
-    }
-    conn.pump(handle)
-}
-
-impl MutEventSubscriber for Server {
-    fn init(&mut self, ops: &mut EventOps) {
-        let mut fds = vec![self.listener.as_raw_fd(), self.stop.as_raw_fd()];
-        fds.extend(self.timer.as_ref().map(|t| t.as_raw_fd()));
-        fds.extend(self.signals.as_ref().map(|s| s.as_raw_fd()));
-        for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                self.init_error.get_or_insert(e);
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.listener.as_raw_fd() {
-            self.accept(ops);
-        } else if fd == self.stop.as_raw_fd() {
-            let _ = self.stop.read();
-            self.stopped = true;
-        } else if self.timer.as_ref().is_some_and(|t| t.as_raw_fd() == fd) {
-            self.on_timer();
-        } else if self.signals.as_ref().is_some_and(|s| s.as_raw_fd() == fd) {
-            self.on_signal();
-        } else {
-            self.on_conn(fd, events.event_set(), ops);
-        }
-    }
-}
-
-fn run(mut em: EventManager<Server>, id: event_manager::SubscriberId) -> Result<(), ControlError> {
-    loop {
-        if let Err(e) = em.run() {
-            log::error!("control plane event loop: {e}");
-            return Err(e.into());
-        }
-        if em.subscriber_mut(id)?.stopped {
-            return Ok(());
-        }
-    }
-}
-
 impl ControlHandle {
     /// The control socket's path.
     pub fn socket(&self) -> &Path {
         &self.socket
     }
 
-    /// The control thread's kernel thread id (to direct a signal at it, as tests do).
+    /// The kernel thread id of the thread that reads the signalfd (to direct a signal at it,
+    /// as tests do).
     pub fn thread_id(&self) -> libc::pid_t {
         self.tid
     }
 
-    /// Stops the control thread, closes every connection and removes the socket file. A
-    /// command in progress finishes first.
+    /// Stops every control thread, closes every connection and removes the socket file. A
+    /// recompression or writeback in progress stops within a page (its client gets no answer).
     pub fn stop(mut self) -> Result<(), ControlError> {
         self.stop_and_join()
     }
 
     fn stop_and_join(&mut self) -> Result<(), ControlError> {
-        let Some(thread) = self.thread.take() else {
+        let Some(acceptor) = self.acceptor.take() else {
             return Ok(());
         };
-        self.stop.write(1).map_err(setup("eventfd"))?;
-        thread.join().map_err(|_| ControlError::Panicked)?
+        self.shared.ctx.cancel.store(true, Relaxed);
+        let woken = self.wake.write(1).map_err(setup("eventfd"));
+        let joined = woken.and_then(|()| acceptor.join().map_err(|_| ControlError::Panicked));
+        // No new client from here on.
+        let clients: Vec<Client> = self.shared.clients.lock().drain().map(|(_, c)| c).collect();
+        for c in &clients {
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        for t in clients.into_iter().filter_map(|c| c.thread) {
+            if t.join().is_err() {
+                log::warn!("a control connection thread panicked");
+            }
+        }
+        if let Some((tx, thread)) = self.compactor.take() {
+            drop(tx);
+            if thread.join().is_err() {
+                log::warn!("the compaction thread panicked");
+            }
+        }
+        self.socket_file = None;
+        joined
     }
 }
 
