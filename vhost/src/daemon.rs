@@ -5,9 +5,8 @@
 use crate::backend::BlkBackend;
 use crate::blk::BlkGeometry;
 use crate::served::Served;
-use std::fs;
+use crate::sockets::{self, ClaimedSocket, SocketError};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,8 +24,8 @@ pub enum DaemonError {
         path: PathBuf,
         source: vhost::vhost_user::Error,
     },
-    #[error("cannot set the mode of {path}: {source}")]
-    Mode { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Claim(#[from] SocketError),
     #[error("cannot start the thread serving {path}: {source}")]
     Thread { path: PathBuf, source: io::Error },
 }
@@ -41,10 +40,14 @@ pub struct DeviceServer {
     served: Arc<Served>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The socket this server claimed itself ([`DeviceServer::start`]).
+    socket: Option<ClaimedSocket>,
 }
 
 impl DeviceServer {
-    /// Binds the device's socket (replacing a stale one), sets its mode and starts serving.
+    /// Claims the device's socket ([`sockets::claim`]: replacing only a stale socket, under a
+    /// lock beside it), sets its mode and starts serving. [`DeviceServer::stop`] releases the
+    /// claim (removes the socket and its lock file); dropping the server only closes them.
     /// `poll`: how long a queue worker watches its ring for more requests before it sleeps.
     pub fn start(
         served: Arc<Served>,
@@ -52,17 +55,36 @@ impl DeviceServer {
         mode: u32,
         poll: Duration,
     ) -> Result<DeviceServer, DaemonError> {
-        let path = served.socket.clone();
-        let listener = Listener::new(&path, true).map_err(|source| DaemonError::Listen {
-            path: path.clone(),
-            source,
-        })?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(|source| {
-            DaemonError::Mode {
-                path: path.clone(),
-                source,
+        let socket = sockets::claim(&served.socket, mode)?;
+        match Self::start_claimed(served, blk, &socket, poll) {
+            Ok(mut s) => {
+                s.socket = Some(socket);
+                Ok(s)
             }
-        })?;
+            Err(e) => {
+                socket.release();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts serving on a socket the caller has claimed, and keeps holding (and releases
+    /// when it is done with it): the server accepts on a duplicate of its listener.
+    pub fn start_claimed(
+        served: Arc<Served>,
+        blk: BlkGeometry,
+        socket: &ClaimedSocket,
+        poll: Duration,
+    ) -> Result<DeviceServer, DaemonError> {
+        let path = served.socket.clone();
+        let listener = socket
+            .listener()
+            .try_clone()
+            .map(Listener::from)
+            .map_err(|source| DaemonError::Listen {
+                path: path.clone(),
+                source: vhost::vhost_user::Error::SocketError(source),
+            })?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (served, stop) = (served.clone(), stop.clone());
@@ -75,6 +97,7 @@ impl DeviceServer {
             served,
             stop,
             thread: Some(thread),
+            socket: None,
         })
     }
 
@@ -82,10 +105,14 @@ impl DeviceServer {
         &self.served
     }
 
-    /// Stops accepting, waits for the current connection to end and removes the socket.
-    /// A connected frontend is not cut off: call this when its VM is gone or on shutdown.
+    /// Stops accepting, waits for the current connection to end and removes the socket (and
+    /// its lock file) if this server claimed it. A connected frontend is not cut off: call
+    /// this when its VM is gone or on shutdown.
     pub fn stop(mut self) {
         self.stop_and_join();
+        if let Some(socket) = self.socket.take() {
+            socket.release();
+        }
     }
 
     fn stop_and_join(&mut self) {

@@ -13,4 +13,5 @@ pub mod counters;
 pub mod daemon;
 pub mod ratelimit;
 pub mod served;
+pub mod sockets;
 pub mod table;
