@@ -59,9 +59,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_mem_size, default_value = "0")]
     pub mem_limit: u64,
 
-    /// File that `vzram writeback` moves idle or huge pages to (created sparse).
+    /// File that `vzram writeback` moves idle or huge pages to (created sparse, 0600). One
+    /// device only: with several --device, give each its own `backing-file=`. A file that
+    /// already holds data is refused unless --backing-file-overwrite is given.
     #[arg(long, value_name = "PATH")]
     pub backing_file: Option<PathBuf>,
+
+    /// Use backing files (--backing-file, `backing-file=`) that already hold data: their
+    /// content is overwritten (what a previous daemon wrote back is lost anyway).
+    #[arg(long)]
+    pub backing_file_overwrite: bool,
 
     /// Offer the disk read-only (VIRTIO_BLK_F_RO).
     #[arg(long)]
@@ -78,6 +85,11 @@ pub struct ServeArgs {
     /// Mode of the vhost-user sockets, octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+
+    /// Mode of the control socket, octal. Whoever may connect can change the memory limit,
+    /// start writeback and read every statistic.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub control_mode: u32,
 
     /// Control socket for `vzram stat` and friends [default: vzram.ctl beside the first
     /// device socket].
@@ -255,6 +267,25 @@ pub enum BuildError {
     DuplicateSocket(PathBuf),
     #[error("two devices are named {0}")]
     DuplicateName(String),
+    #[error(
+        "--backing-file serves one device; with several --device give each its own backing-file=PATH"
+    )]
+    SharedBackingFile,
+    #[error("two devices use the backing file {0}")]
+    DuplicateBackingFile(PathBuf),
+    #[error(
+        "device {name}: backing file {}: holds data ({what}); give --backing-file-overwrite to reuse it", path.display()
+    )]
+    BackingFileHoldsData {
+        name: String,
+        path: PathBuf,
+        what: String,
+    },
+    #[error("device {name}: backing file {source}")]
+    BackingFile {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("compression: {0}")]
     Comp(#[from] zcomp::ConfigError),
     #[error("device {name}: {source}")]
@@ -272,6 +303,9 @@ impl ServeArgs {
         }
         if specs.is_empty() {
             return Err(BuildError::NoDevice);
+        }
+        if self.backing_file.is_some() && specs.len() > 1 {
+            return Err(BuildError::SharedBackingFile);
         }
         for (i, spec) in specs.iter_mut().enumerate() {
             spec.name.get_or_insert_with(|| format!("vz{i}"));
@@ -297,6 +331,11 @@ impl ServeArgs {
                 if a.name == b.name {
                     return Err(BuildError::DuplicateName(a.name.clone().unwrap()));
                 }
+                if let Some(path) = &a.backing_file
+                    && b.backing_file.as_ref() == Some(path)
+                {
+                    return Err(BuildError::DuplicateBackingFile(path.clone()));
+                }
             }
         }
         Ok(specs)
@@ -305,6 +344,24 @@ impl ServeArgs {
     /// Builds the shared store and the devices.
     pub fn build(&self) -> Result<Built, BuildError> {
         let specs = self.specs()?;
+        if !self.backing_file_overwrite {
+            for spec in &specs {
+                let name = spec.name.clone().unwrap();
+                if let Some(path) = &spec.backing_file
+                    && let Some(what) =
+                        zram::backing_file_data(path).map_err(|source| BuildError::BackingFile {
+                            name: name.clone(),
+                            source,
+                        })?
+                {
+                    return Err(BuildError::BackingFileHoldsData {
+                        name,
+                        path: path.clone(),
+                        what,
+                    });
+                }
+            }
+        }
         let recomp: Vec<&str> = self.recomp.iter().map(String::as_str).collect();
         let comp = Arc::new(zcomp::Comp::parse(&self.comp, &recomp)?);
         let pool = zsmalloc::Config {
@@ -397,5 +454,127 @@ mod tests {
         assert!(parse_algorithm("zstd:3").is_ok());
         assert!(parse_disk_size("0").is_err());
         assert_eq!(parse_disk_size("8G"), Ok(8 << 30));
+    }
+
+    fn serve_args(args: &str) -> ServeArgs {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Cli::try_parse_from(std::iter::once("serve").chain(args.split_whitespace()))
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn control_mode_is_its_own_flag() {
+        let a = serve_args("--socket /tmp/a --size 1G --socket-mode 0666");
+        assert_eq!((a.socket_mode, a.control_mode), (0o666, 0o600));
+        let a = serve_args("--socket /tmp/a --size 1G --control-mode 0660");
+        assert_eq!((a.socket_mode, a.control_mode), (0o600, 0o660));
+    }
+
+    #[test]
+    fn backing_file_goes_with_one_device() {
+        let a = serve_args("--socket /tmp/a --size 1G --backing-file /tmp/b");
+        assert_eq!(
+            a.specs().unwrap()[0].backing_file.as_deref(),
+            Some(std::path::Path::new("/tmp/b"))
+        );
+        let a = serve_args(
+            "--device socket=/tmp/a,size=1G --device socket=/tmp/c,size=1G --backing-file /tmp/b",
+        );
+        let e = a.specs().unwrap_err().to_string();
+        assert!(e.contains("backing-file=PATH"), "{e}");
+        let a = serve_args(
+            "--device socket=/tmp/a,size=1G,backing-file=/tmp/b1 --device socket=/tmp/c,size=1G,backing-file=/tmp/b2",
+        );
+        let specs = a.specs().unwrap();
+        assert_eq!(specs[1].backing_file, Some(PathBuf::from("/tmp/b2")));
+        let a = serve_args(
+            "--device socket=/tmp/a,size=1G,backing-file=/tmp/b --device socket=/tmp/c,size=1G,backing-file=/tmp/b",
+        );
+        let e = a.specs().unwrap_err().to_string();
+        assert_eq!(e, "two devices use the backing file /tmp/b");
+    }
+
+    #[test]
+    fn a_backing_file_with_data_needs_the_overwrite_flag() {
+        let dir = std::env::temp_dir().join(format!("vzram-cli-backing-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let backing = dir.join("b");
+        std::fs::write(&backing, [5u8; 8192]).unwrap();
+        let args = format!(
+            "--socket {} --size 1M --backing-file {}",
+            dir.join("s").display(),
+            backing.display()
+        );
+        let e = serve_args(&args).build().unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "device vz0: backing file {}: holds data (8192 bytes",
+                backing.display()
+            )) && e.ends_with("give --backing-file-overwrite to reuse it"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&backing).unwrap(), [5u8; 8192]);
+        let built = serve_args(&format!("{args} --backing-file-overwrite"))
+            .build()
+            .unwrap();
+        assert_eq!(built.devices.len(), 1);
+        // Errors name the path.
+        let missing = dir.join("no-such-dir/b");
+        let e = serve_args(&format!(
+            "--socket {} --size 1M --backing-file {}",
+            dir.join("s").display(),
+            missing.display()
+        ))
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&*missing.to_string_lossy()), "{e}");
+        drop(built);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sizes_printed_by_stat_parse_back() {
+        // Whole numbers of their unit parse back exactly, up to the largest size ("16E").
+        for shift in (0..=60).step_by(10) {
+            for k in [1u64, 3, 512, 1000, 1023] {
+                if let Some(n) = k.checked_mul(1 << shift) {
+                    assert_eq!(zram::parse_size(&crate::table::human_size(n)).unwrap(), n);
+                }
+            }
+        }
+        assert_eq!(crate::table::human_size(u64::MAX), "16E");
+        assert_eq!(zram::parse_size("16E").unwrap(), u64::MAX);
+    }
+
+    mod roundtrip {
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any size: what is printed parses back to within the printer's rounding (a tenth of
+            /// the unit, rounded to nearest: at most 0.05 of the unit, plus the printer's
+            /// truncation to thousandths before rounding and a byte).
+            #[test]
+            fn printed_sizes_parse_back_within_the_rounding(
+                n in prop_oneof![
+                    any::<u64>(),
+                    0u64..1 << 20,
+                    (0u32..64).prop_flat_map(|b| 0u64..=(u64::MAX >> b)),
+                ]
+            ) {
+                let printed = crate::table::human_size(n);
+                let back = zram::parse_size(&printed).unwrap();
+                let unit = (10..=60).step_by(10).find(|&s| n < 1u64 << s).map_or(1u64 << 60, |s| 1u64 << (s - 10));
+                let tolerance = unit / 1000 * 51 + 1;
+                prop_assert!(back.abs_diff(n) <= tolerance, "{n} printed {printed} parsed {back}");
+            }
+        }
     }
 }

@@ -14,5 +14,6 @@ pub mod daemon;
 pub mod fault;
 pub mod ratelimit;
 pub mod served;
+pub mod sockets;
 pub mod table;
 pub mod vring;

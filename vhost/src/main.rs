@@ -8,6 +8,7 @@ use vzram::cli::ServeArgs;
 use vzram::client::ClientCommand;
 use vzram::control::{self, Server, ServerConfig};
 use vzram::daemon::{DeviceServer, default_control_path};
+use vzram::sockets::{self, ClaimedSocket, PathLock};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -95,30 +96,75 @@ fn serve(args: &ServeArgs) -> ExitCode {
     // thread's signalfd sees SIGTERM/SIGINT.
     if let Err(e) = control::block_shutdown_signals() {
         eprintln!("vzram: cannot block signals: {e}");
-        return ExitCode::FAILURE;
+        return ExitCode::from(2);
     }
+    // Start-up runs in this order so that a failure leaves nothing behind that this process
+    // did not create and never touches what another process serves: build the store and
+    // devices; claim every device socket; take the control socket's lock; bind the control
+    // socket; only then start serving. A failure releases what was claimed and exits with
+    // status 2 at once (no server is dropped, so nothing waits on an accept loop).
     let built = match args.build() {
         Ok(b) => b,
-        Err(e) => {
-            eprintln!("vzram: {e}");
-            return ExitCode::from(2);
+        Err(e) => fail(&e, Vec::new(), None),
+    };
+    let control_path = args
+        .control
+        .clone()
+        .unwrap_or_else(|| default_control_path(&built.devices[0].0.socket));
+    if let Some((served, _)) = built.devices.iter().find(|(s, _)| s.socket == control_path) {
+        fail(
+            &format!(
+                "{}: the control socket cannot also be the socket of device {}",
+                control_path.display(),
+                served.name
+            ),
+            Vec::new(),
+            None,
+        );
+    }
+    let mut claimed = Vec::new();
+    for (served, _) in &built.devices {
+        match sockets::claim(&served.socket, args.socket_mode) {
+            Ok(c) => claimed.push(c),
+            Err(e) => fail(&e, claimed, None),
         }
+    }
+    let control_lock = match sockets::lock(&control_path) {
+        Ok(l) => l,
+        Err(e) => fail(&format!("control socket {e}"), claimed, None),
+    };
+    let mut config = ServerConfig::new(control_path.clone());
+    config.mode = args.control_mode;
+    if args.compact_threshold == 0 {
+        config.compact_interval = None;
+    } else {
+        config.compact_threshold_pages =
+            usize::try_from(args.compact_threshold).unwrap_or(usize::MAX);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let devices = built.devices.iter().map(|(s, _)| s.clone()).collect();
+    let control = match Server::start(config, devices, built.store.clone(), move || {
+        let _ = tx.send(());
+    }) {
+        Ok(c) => c,
+        Err(e) => fail(&e, claimed, Some(control_lock)),
     };
     let mut servers = Vec::new();
-    for (served, blk) in &built.devices {
-        let listener = match bind(&served.socket, args.socket_mode) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("vzram: {}: {e}", served.socket.display());
-                return ExitCode::FAILURE;
-            }
-        };
-        match DeviceServer::start(
-            served.clone(),
-            listener,
-            blk.clone(),
-            std::time::Duration::from_micros(args.poll_us),
-        ) {
+    for ((served, blk), socket) in built.devices.iter().zip(&claimed) {
+        let started = socket
+            .listener()
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", served.socket.display()))
+            .and_then(|listener| {
+                DeviceServer::start(
+                    served.clone(),
+                    listener,
+                    blk.clone(),
+                    std::time::Duration::from_micros(args.poll_us),
+                )
+                .map_err(|e| e.to_string())
+            });
+        match started {
             Ok(s) => {
                 log::info!(
                     "{}: {} bytes, {} queues of {}, {} on {}",
@@ -132,54 +178,38 @@ fn serve(args: &ServeArgs) -> ExitCode {
                 servers.push(s);
             }
             Err(e) => {
-                eprintln!("vzram: {e}");
-                return ExitCode::FAILURE;
+                // Stopping the control thread removes its socket; the device servers already
+                // started are left to the exit (stopping them would wait for frontends).
+                drop(control);
+                fail(&e, claimed, Some(control_lock));
             }
         }
     }
-    let socket = args
-        .control
-        .clone()
-        .unwrap_or_else(|| default_control_path(&built.devices[0].0.socket));
-    let mut config = ServerConfig::new(socket.clone());
-    config.mode = args.socket_mode;
-    if args.compact_threshold == 0 {
-        config.compact_interval = None;
-    } else {
-        config.compact_threshold_pages =
-            usize::try_from(args.compact_threshold).unwrap_or(usize::MAX);
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let devices = built.devices.iter().map(|(s, _)| s.clone()).collect();
-    let _control = match Server::start(config, devices, built.store.clone(), move || {
-        let _ = tx.send(());
-    }) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("vzram: control socket {}: {e}", socket.display());
-            for s in &servers {
-                let _ = std::fs::remove_file(&s.served().socket);
-            }
-            return ExitCode::FAILURE;
-        }
-    };
     let _ = rx.recv();
     log::info!("shutting down");
     // Guest data lives only in this process; there is nothing to flush. Remove the sockets so
-    // that nobody connects to a daemon that is gone.
-    for s in &servers {
-        let _ = std::fs::remove_file(&s.served().socket);
+    // that nobody connects to a daemon that is gone, then their lock files.
+    for socket in claimed {
+        socket.release();
     }
-    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&control_path);
+    control_lock.release();
     // Exit without waiting for connected frontends to hang up (dropping the servers would).
     std::process::exit(0)
 }
 
-/// Binds a device socket, replacing a stale one (the operator-safety checks are issue #11's).
-fn bind(path: &std::path::Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_file(path);
-    let l = std::os::unix::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(l)
+/// Start-up failed: one line, release what this process claimed, exit with status 2.
+fn fail(
+    e: &dyn std::fmt::Display,
+    claimed: Vec<ClaimedSocket>,
+    control_lock: Option<PathLock>,
+) -> ! {
+    eprintln!("vzram: {e}");
+    for socket in claimed {
+        socket.release();
+    }
+    if let Some(lock) = control_lock {
+        lock.release();
+    }
+    std::process::exit(2)
 }

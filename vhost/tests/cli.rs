@@ -102,8 +102,338 @@ fn serve_answers_stat_and_sigterm_removes_the_sockets() {
     };
     assert!(status.success(), "{status}");
     assert!(!socket.exists() && !control.exists(), "sockets left behind");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
     // A client with no daemon: one line, status 1.
     let (code, _, err) = run(&["stat", "--control", control.to_str().unwrap()]);
     assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh directory for one test.
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vzram-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs the binary to completion within `limit`; on a hang, kills it (by its pid) and fails.
+fn run_within(args: &[&str], limit: Duration) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            kill(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+            panic!("{args:?} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code().unwrap_or(-1), err)
+}
+
+fn kill(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// A `vzram serve` child, SIGKILLed (by pid) and reaped when dropped.
+struct Daemon(std::process::Child);
+
+impl Daemon {
+    /// Starts `vzram serve ARGS` and waits until every path in `ready` exists.
+    fn start(args: &[&str], ready: &[&std::path::Path]) -> Daemon {
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.iter().all(|p| p.exists()) {
+            assert!(Instant::now() < deadline, "the sockets never appeared");
+            assert!(d.0.try_wait().unwrap().is_none(), "vzram exited early");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        kill(self.0.id(), libc::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Writes `byte` over the device's first page.
+fn write_page(socket: &std::path::Path, byte: u8) {
+    let mut dev = vufront::Device::connect(socket, &vufront::Options::default()).unwrap();
+    let mut q = dev.take_queue(0).unwrap();
+    q.write(0, &[byte; 4096]).unwrap().check().unwrap();
+}
+
+/// The first byte of the device's first page.
+fn read_page(socket: &std::path::Path) -> u8 {
+    let mut dev = vufront::Device::connect(socket, &vufront::Options::default()).unwrap();
+    let mut q = dev.take_queue(0).unwrap();
+    let c = q.read(0, 4096).unwrap().check().unwrap();
+    assert!(c.data.iter().all(|b| *b == c.data[0]));
+    c.data[0]
+}
+
+#[test]
+fn a_second_serve_on_the_same_socket_is_refused_and_the_first_keeps_its_disk() {
+    let dir = tempdir("second");
+    let socket = dir.join("vz0.sock");
+    let control = dir.join("vzram.ctl");
+    let _first = Daemon::start(
+        &["--socket", s(&socket), "--size", "16M"],
+        &[&socket, &control],
+    );
+    write_page(&socket, 0x5a);
+    let other_control = dir.join("other.ctl");
+    for extra in [&[][..], &["--control", s(&other_control)][..]] {
+        let mut args = vec!["serve", "--socket", s(&socket), "--size", "16M"];
+        args.extend_from_slice(extra);
+        let (code, err) = run_within(&args, Duration::from_secs(10));
+        assert_eq!((code, err.lines().count()), (2, 1), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "vzram: {}: in use by another vzram (lock {}.lock held)",
+                socket.display(),
+                socket.display()
+            )
+        );
+        // The first daemon still serves the same disk on the same socket, and its control
+        // socket answers; the second left nothing of its own.
+        assert_eq!(read_page(&socket), 0x5a, "{args:?}");
+        let (code, _, err) = run(&["stat", "--control", s(&control)]);
+        assert_eq!(code, 0, "{err}");
+        assert!(!other_control.exists() && !dir.join("other.ctl.lock").exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_file_at_the_socket_path_is_refused_and_kept() {
+    let dir = tempdir("regular");
+    let socket = dir.join("vz0.sock");
+    std::fs::write(&socket, b"not a socket").unwrap();
+    let (code, err) = run_within(
+        &["serve", "--socket", s(&socket), "--size", "16M"],
+        Duration::from_secs(10),
+    );
+    assert_eq!((code, err.lines().count()), (2, 1), "{err}");
+    assert!(err.contains("is not a socket; not replacing it"), "{err}");
+    assert_eq!(std::fs::read(&socket).unwrap(), b"not a socket");
+    // Nothing else was left behind: no lock file, no control socket.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["vz0.sock"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_file_at_the_control_path_fails_at_once_every_time() {
+    let dir = tempdir("control-file");
+    let socket = dir.join("vz0.sock");
+    let control = dir.join("vzram.ctl");
+    std::fs::write(&control, b"keep me").unwrap();
+    for run in 0..10 {
+        let (code, err) = run_within(
+            &["serve", "--socket", s(&socket), "--size", "16M"],
+            Duration::from_secs(10),
+        );
+        assert_eq!((code, err.lines().count()), (2, 1), "run {run}: {err}");
+        assert!(
+            err.contains("vzram.ctl") && err.contains("not a socket"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&control).unwrap(), b"keep me");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["vzram.ctl"], "run {run}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_control_socket_has_its_own_mode_and_takes_the_largest_size() {
+    let dir = tempdir("modes");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let control = dir.join("vzram.ctl");
+    let daemon = Daemon::start(
+        &[
+            "--device",
+            &format!("socket={},size=16M", a.display()),
+            "--device",
+            &format!("socket={},size=16M", b.display()),
+            "--socket-mode",
+            "0666",
+        ],
+        &[&a, &b, &control],
+    );
+    assert_eq!((mode(&a), mode(&b), mode(&control)), (0o666, 0o666, 0o600));
+    // What `vzram mem-limit` prints for the largest limit is accepted back as input.
+    let (code, out, err) = run(&[
+        "mem-limit",
+        "--control",
+        s(&control),
+        "18446744073709551615",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("mem_limit: 16E "), "{out}");
+    let (code, out, err) = run(&["mem-limit", "--control", s(&control), "16E"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(18446744073709551615 bytes)"), "{out}");
+    let (code, _, err) = run(&["mem-limit", "--control", s(&control), "17E"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("too large"), "{err}");
+    drop(daemon);
+    let control = dir.join("c.ctl");
+    let _daemon = Daemon::start(
+        &[
+            "--socket",
+            s(&a),
+            "--size",
+            "16M",
+            "--control",
+            s(&control),
+            "--control-mode",
+            "0660",
+        ],
+        &[&control],
+    );
+    assert_eq!((mode(&a), mode(&control)), (0o600, 0o660));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_backing_file_that_holds_data_needs_the_overwrite_flag() {
+    let dir = tempdir("backing");
+    let socket = dir.join("vz0.sock");
+    let backing = dir.join("backing");
+    std::fs::write(&backing, [7u8; 4096]).unwrap();
+    let args = [
+        "serve",
+        "--socket",
+        s(&socket),
+        "--size",
+        "16M",
+        "--backing-file",
+        s(&backing),
+    ];
+    let (code, err) = run_within(&args, Duration::from_secs(10));
+    assert_eq!((code, err.lines().count()), (2, 1), "{err}");
+    assert!(
+        err.contains(&format!("backing file {}: holds data", backing.display()))
+            && err.contains("--backing-file-overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&backing).unwrap(), [7u8; 4096]);
+    assert!(!socket.exists());
+    let _daemon = Daemon::start(
+        &[
+            "--socket",
+            s(&socket),
+            "--size",
+            "16M",
+            "--backing-file",
+            s(&backing),
+            "--backing-file-overwrite",
+        ],
+        &[&socket],
+    );
+    let (code, err) = run_within(
+        &[
+            "serve",
+            "--device",
+            &format!("socket={},size=16M", dir.join("x.sock").display()),
+            "--device",
+            &format!("socket={},size=16M", dir.join("y.sock").display()),
+            "--backing-file",
+            s(&dir.join("other")),
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("give each its own backing-file=PATH"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_ends_with_an_error_when_the_daemon_dies() {
+    let dir = tempdir("bench");
+    let socket = dir.join("vz0.sock");
+    let daemon = Daemon::start(&["--socket", s(&socket), "--size", "64M"], &[&socket]);
+    let mut bench = Command::new(BIN)
+        .args([
+            "bench",
+            "--socket",
+            s(&socket),
+            "--verify",
+            "off",
+            "--job",
+            "rw=randwrite,numjobs=2,iodepth=8,span=32m,runtime=60s",
+            "--job",
+            "rw=randread,numjobs=2,iodepth=8,span=32m,runtime=60s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(bench.try_wait().unwrap().is_none(), "bench ended early");
+    drop(daemon); // SIGKILL mid-run
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(status) = bench.try_wait().unwrap() {
+            break status;
+        }
+        if killed.elapsed() > Duration::from_secs(10) {
+            kill(bench.id(), libc::SIGKILL);
+            let _ = bench.wait();
+            panic!("bench still running 10 s after the daemon died");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut bench.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("vzram: ") && err.to_lowercase().contains("disconnect"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,6 +5,7 @@ use crate::queue::Queue;
 use crate::virtio::*;
 use crate::{Error, Result, vhost_err};
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -75,6 +76,9 @@ impl Default for Options {
 /// [`Device::attach_queue`].
 pub struct Device {
     session: Session,
+    /// A duplicate of the vhost-user socket that queues watch for the backend hanging up
+    /// (they hold it weakly: dropping the device still closes the connection).
+    peer: Arc<OwnedFd>,
     socket: PathBuf,
     mem: Arc<GuestMem>,
     offered: u64,
@@ -146,6 +150,7 @@ impl Device {
     ) -> Result<Device> {
         let path = path.as_ref();
         let stream = connect_socket(path, opts.connect_timeout)?;
+        let peer = Arc::new(OwnedFd::from(stream.try_clone()?));
         let mut fe = Session::new(
             stream,
             u64::from(opts.num_queues.max(1)),
@@ -223,6 +228,7 @@ impl Device {
 
         let mut dev = Device {
             session: fe,
+            peer,
             socket: path.to_path_buf(),
             mem,
             offered,
@@ -258,6 +264,7 @@ impl Device {
             ));
         }
         q.set_event_idx(self.acked & F_EVENT_IDX != 0);
+        q.set_peer(Arc::downgrade(&self.peer));
         q.set_indirect(self.acked & F_INDIRECT_DESC != 0);
         let i = q.index() as usize;
         let fe = &mut self.session;

@@ -8,9 +8,9 @@ use crate::virtio::{
 };
 use crate::{Completion, Error, Result};
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{Ordering, fence};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
@@ -71,6 +71,9 @@ pub struct Queue {
     pub(crate) ready: VecDeque<Completion>,
     pub(crate) next_tag: u64,
     counters: QueueCounters,
+    /// The connection's vhost-user socket (held by the [`crate::Device`]): a wait ends with
+    /// an error when the backend hangs up instead of lasting its whole timeout.
+    peer: Weak<OwnedFd>,
 }
 
 impl Queue {
@@ -105,6 +108,7 @@ impl Queue {
             ready: VecDeque::new(),
             next_tag: 0,
             counters: QueueCounters::default(),
+            peer: Weak::new(),
         })
     }
 
@@ -438,31 +442,73 @@ impl Queue {
         self.sleep(timeout)
     }
 
+    /// Which connection's hang-up ends this queue's waits ([`crate::Device::attach_queue`]).
+    pub(crate) fn set_peer(&mut self, peer: Weak<OwnedFd>) {
+        self.peer = peer;
+    }
+
+    /// Sleeps on the call eventfd up to `timeout`. Fails at once if the backend hangs up
+    /// (its vhost-user socket closes) while nothing was signalled: a dead backend never
+    /// signals again.
     fn sleep(&mut self, timeout: Duration) -> Result<bool> {
+        /// The socket is held for at most this long per poll, so that dropping the device
+        /// (closing the connection) is not delayed by a waiting queue.
+        const SLICE: Duration = Duration::from_millis(200);
         self.counters.sleeps += 1;
-        let mut pfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // Round up so a sub-millisecond remainder does not become a busy 0 ms poll.
-        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        // SAFETY: `pfd` is a valid pollfd that lives across the call; nfds is 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let peer = self.peer.upgrade();
+            let mut pfd = [
+                libc::pollfd {
+                    fd: self.call.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                // A negative fd is ignored by poll: no connection, no hang-up to watch.
+                libc::pollfd {
+                    fd: peer.as_ref().map_or(-1, |p| p.as_raw_fd()),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                },
+            ];
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = if peer.is_some() {
+                left.min(SLICE)
+            } else {
+                left
+            };
+            // Round up so a sub-millisecond remainder does not become a busy 0 ms poll.
+            let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            // SAFETY: `pfd` is an array of two valid pollfds that lives across the call, and
+            // `peer` keeps the socket's fd open until it returns.
+            let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
+            drop(peer);
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    return Ok(false);
+                }
+                return Err(e.into());
+            }
+            if pfd[0].revents & libc::POLLIN != 0 {
+                return match self.call.read() {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+                    Err(e) => Err(e.into()),
+                };
+            }
+            if pfd[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    format!(
+                        "queue {}: the backend disconnected (its vhost-user socket closed)",
+                        self.index
+                    ),
+                )));
+            }
+            if Instant::now() >= deadline {
                 return Ok(false);
             }
-            return Err(e.into());
-        }
-        if rc == 0 {
-            return Ok(false);
-        }
-        match self.call.read() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e.into()),
         }
     }
 }

@@ -31,6 +31,7 @@ mod device;
 mod slot;
 mod stats;
 
+pub use backing::existing_data as backing_file_data;
 pub use device::{Config, Device, PageFilter, RecompressResult};
 pub use stats::{BdStat, IoStat, MmStat, Stats};
 pub use zsmalloc::PAGE_SIZE;
@@ -141,14 +142,24 @@ impl Store {
     }
 }
 
-/// Parses a size like zram's `disksize` or `mem_limit`: bytes, or a number with a K, M, G or T
-/// suffix (powers of 1024; a trailing `B`/`iB` is accepted).
+/// Parses a size like zram's `disksize` or `mem_limit`: bytes, or a number with a K, M, G, T,
+/// P or E suffix (powers of 1024; either case; a trailing `B`/`iB` is accepted, `16KiB`).
+///
+/// Everything the size printer (`vzram stat`, zramctl) emits parses back: a suffixed number
+/// may have a decimal fraction (`1.5K` = 1536), which is rounded to the nearest byte, and
+/// `16E` (or `16384P`, ...), which is how the largest size (2^64 - 1 bytes) is printed, means
+/// that largest size. Anything larger, and a fraction of a byte, is an error.
 pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let invalid = |why: &str| Error::InvalidArgument(format!("size {s:?}: {why}"));
     let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
+    let lower = t.to_ascii_lowercase();
+    let t = if lower.ends_with("ib") && lower.len() > 2 {
+        &t[..t.len() - 2]
+    } else if lower.ends_with('b') {
+        &t[..t.len() - 1]
+    } else {
+        t
+    };
     let (num, shift) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let shift = match c.to_ascii_uppercase() {
@@ -156,9 +167,11 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
+                'P' => 50,
+                'E' => 60,
                 _ => {
-                    return Err(Error::InvalidArgument(format!(
-                        "size {s:?}: unknown suffix {c:?}"
+                    return Err(invalid(&format!(
+                        "unknown suffix {c:?} (known: K M G T P E)"
                     )));
                 }
             };
@@ -166,13 +179,39 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
         }
         _ => (t, 0),
     };
-    let n: u64 = num.trim().parse().map_err(|_| {
-        Error::InvalidArgument(format!(
-            "size {s:?}: expected a number with an optional K/M/G/T suffix"
-        ))
-    })?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| Error::InvalidArgument(format!("size {s:?} is too large")))
+    let num = num.trim();
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !(frac.is_empty() && !num.ends_with('.') || digits(frac)) {
+        return Err(invalid(
+            "expected a number with an optional K/M/G/T/P/E suffix",
+        ));
+    }
+    if !frac.is_empty() && shift == 0 {
+        return Err(invalid("a size in bytes has no fraction"));
+    }
+    let too_large = || invalid("too large (the largest size is 16E, 2^64 - 1 bytes)");
+    // Exact arithmetic: value = (whole + frac / 10^len) * 2^shift, rounded to nearest.
+    let whole: u128 = whole.parse().map_err(|_| too_large())?;
+    // Digits past the 19th cannot change the result by a byte (2^60 < 10^19).
+    let frac = &frac[..frac.len().min(19)];
+    let scale = 10u128.pow(frac.len() as u32);
+    let frac: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().expect("digits")
+    };
+    let bytes = whole
+        .checked_mul(1 << shift)
+        .ok_or_else(too_large)?
+        .checked_add((frac * (1u128 << shift) + scale / 2) / scale)
+        .ok_or_else(too_large)?;
+    match bytes {
+        b if b <= u128::from(u64::MAX) => Ok(b as u64),
+        // The printer rounds 2^64 - 1 to "16E".
+        b if b == 1u128 << 64 && shift > 0 => Ok(u64::MAX),
+        _ => Err(too_large()),
+    }
 }
 
 #[cfg(test)]
@@ -186,8 +225,69 @@ mod tests {
         assert_eq!(parse_size("8G").unwrap(), 8 << 30);
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("16k").unwrap(), 16 << 10);
-        for bad in ["", "G", "12X", "-1", "1.5G", "99999999999T"] {
+        for bad in [
+            "", "G", "12X", "-1", "1.5", "1.", ".5K", "1..5K", "1.5.2K", "+1K", "1 5K", "iB",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_suffix_in_either_case() {
+        for (i, (up, low)) in [
+            ('K', 'k'),
+            ('M', 'm'),
+            ('G', 'g'),
+            ('T', 't'),
+            ('P', 'p'),
+            ('E', 'e'),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let want = 3u64 << (10 * (i + 1));
+            for s in [
+                format!("3{up}"),
+                format!("3{low}"),
+                format!("3{up}B"),
+                format!("3{low}b"),
+                format!("3{up}iB"),
+                format!("3{low}ib"),
+            ] {
+                assert_eq!(parse_size(&s).unwrap(), want, "{s}");
+            }
+        }
+        assert_eq!(parse_size("7B").unwrap(), 7);
+        assert_eq!(parse_size("7b").unwrap(), 7);
+    }
+
+    #[test]
+    fn fractions_round_to_the_nearest_byte() {
+        assert_eq!(parse_size("1.5K").unwrap(), 1536);
+        assert_eq!(parse_size("1.2G").unwrap(), 1288490189); // 1288490188.8
+        assert_eq!(parse_size("0.001K").unwrap(), 1); // 1.024
+        assert_eq!(
+            parse_size("15.9E").unwrap(),
+            (((159u128 << 60) + 5) / 10) as u64
+        );
+        assert_eq!(parse_size("1.0000000000000000000000000001K").unwrap(), 1024);
+    }
+
+    #[test]
+    fn the_largest_size_and_overflow() {
+        assert_eq!(parse_size("16E").unwrap(), u64::MAX);
+        assert_eq!(parse_size("16384P").unwrap(), u64::MAX);
+        assert_eq!(parse_size("18446744073709551615").unwrap(), u64::MAX);
+        assert_eq!(parse_size("15E").unwrap(), 15 << 60);
+        for big in [
+            "17E",
+            "16.1E",
+            "18446744073709551616",
+            "99999999999999999999999999T",
+            "999999999999999999999999999999999999999999999",
+        ] {
+            let e = parse_size(big).unwrap_err().to_string();
+            assert!(e.contains("too large") && e.contains(big), "{big}: {e}");
         }
     }
 }
