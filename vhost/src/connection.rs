@@ -19,8 +19,10 @@
 //! - anything we do not implement (dirty logging, inflight tracking, device state, GPU,
 //!   shared objects) is refused.
 //!
-//! A refused message gets an error reply when the frontend asked for one (REPLY_ACK), and
-//! is logged. Nothing here blocks on the frontend except the socket itself.
+//! A refused message gets an error reply when the frontend asked for one (REPLY_ACK), is
+//! logged, and changes nothing: the frontend may go on. A message the framing layer finds
+//! malformed, or one that expects an answer we cannot give (GET_VRING_BASE of no ring), ends
+//! the connection. Nothing here blocks on the frontend except the socket itself.
 
 use crate::blk::BlkGeometry;
 use crate::fault;
@@ -61,6 +63,9 @@ use vm_memory::{
 /// Memory slots a frontend may add with ADD_MEM_REG (what GET_MAX_MEM_SLOTS answers; the
 /// kernel's vhost and QEMU's libvhost-user allow the same).
 pub const MAX_MEM_SLOTS: usize = 509;
+/// Regions SET_MEM_TABLE may carry (VHOST_MEMORY_BASELINE_NREGIONS; more go through
+/// ADD_MEM_REG).
+const MAX_TABLE_REGIONS: usize = 8;
 /// The largest config space read or write vhost-user carries.
 const MAX_CONFIG_SIZE: u32 = 256;
 
@@ -201,6 +206,8 @@ pub(crate) struct Connection {
     workers: Vec<Option<WorkerThread>>,
     /// Answer the current message, then end the connection.
     closing: bool,
+    /// The current message was refused (its error reply, if any, is sent).
+    refused: std::cell::Cell<bool>,
     log: Mutex<RateLimitedLog>,
 }
 
@@ -254,6 +261,7 @@ impl Connection {
             vrings,
             workers,
             closing: false,
+            refused: std::cell::Cell::new(false),
             log: Mutex::new(RateLimitedLog::new()),
         })
     }
@@ -266,7 +274,14 @@ impl Connection {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .warn(format_args!("{name}: refused a vhost-user message: {why}"));
+        self.refused.set(true);
         VuError::InvalidOperation(why)
+    }
+
+    /// Whether the message just handled was refused by us (rather than found malformed by
+    /// the framing layer); resets the mark.
+    pub fn take_refused(&self) -> bool {
+        self.refused.replace(false)
     }
 
     fn notifier(&self, file: File) -> VuResult<File> {
@@ -453,6 +468,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
         if postcopy_listening == Some(true) {
             return Err(self.refuse("postcopy is not supported"));
         }
+        if ctx.len() > MAX_TABLE_REGIONS {
+            return Err(self.refuse("more than 8 regions in SET_MEM_TABLE"));
+        }
         let mut regions = Vec::with_capacity(ctx.len());
         let mut info = Vec::with_capacity(ctx.len());
         for (region, file) in ctx.iter().zip(files) {
@@ -581,6 +599,11 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        // The frontend waits for a ring state; an error cannot be answered, so the connection
+        // ends.
+        if index as usize >= self.vrings.len() {
+            self.closing = true;
+        }
         let vring = self.vring(index)?;
         let next = self.stop_ring(vring);
         Ok(VhostUserVringState::new(index, u32::from(next)))
@@ -718,6 +741,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        // Unreachable without LOG_SHMFD acked (which ends the connection); no reply exists.
+        self.closing = true;
         Err(self.refuse("dirty logging is not offered"))
     }
 }

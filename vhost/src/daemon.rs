@@ -246,7 +246,13 @@ fn serve_connection(
             Err(VuError::Disconnected | VuError::PartialMessage | VuError::SocketBroken(_)) => {
                 break Ok(());
             }
-            Err(e) => break Err(e.to_string()),
+            Err(e) => {
+                let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                // Our own refusals were answered (with REPLY_ACK) and changed nothing: go on.
+                if !conn.take_refused() || conn.closing() {
+                    break Err(e.to_string());
+                }
+            }
         }
     };
     served.connected.store(false, Ordering::Relaxed);

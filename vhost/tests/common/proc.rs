@@ -30,7 +30,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // VZRAM_KEEP_TMP=1 keeps the directory (and the daemon's log in it) for a look.
+        if std::env::var_os("VZRAM_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -133,6 +136,19 @@ impl Daemon {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// What the open fds are (readlink of /proc/PID/fd/*), for failure messages.
+    pub fn fd_targets(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid)) else {
+            return Vec::new();
+        };
+        let mut v: Vec<String> = dir
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        v.sort();
+        v
     }
 
     /// Threads (/proc/PID/task entries).
