@@ -9,7 +9,6 @@ mod raw;
 
 use child::{Daemon, KillOnDrop, TempDir, describe_status, poll_until};
 use raw::Raw;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
