@@ -1,8 +1,9 @@
 //! A small in-memory vhost-user-blk backend (feature `ramdisk`).
 //!
 //! It is the test fixture of this crate and, as the `ramdisk` example, an uncompressed
-//! baseline for `vzram bench`: same vhost-user-backend stack as vzram, one worker thread per
-//! queue, but a plain memcpy where vzram compresses.
+//! baseline for `vzram bench`: one worker thread per queue like vzram, but a plain memcpy
+//! where vzram compresses. It is built on rust-vmm's vhost-user-backend, which trusts the
+//! frontend more than vzram's own message handler does; that is fine for a test fixture.
 //!
 //! It serves IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES and treats the guest as
 //! untrusted: a chain that the descriptor iterator cut short (a `next` out of range, a loop, an
