@@ -94,8 +94,9 @@ pub use error::{ConfigError, Error};
 pub use params::{Algorithm, Params, Priority};
 pub use stream::{Codec, Stream};
 
-/// Size of the pages zcomp compresses and decompresses.
-pub const PAGE_SIZE: usize = 4096;
+/// Size of the pages zcomp compresses and decompresses (defined in `region`, the crate below
+/// both zcomp and the allocator).
+pub use region::PAGE_SIZE;
 
 /// Size of a stream's output buffer: two pages, room for any compressor's worst case on one
 /// incompressible page (lz4 4525 bytes, zstd 4174).

@@ -1,12 +1,12 @@
 //! The backing file that written-back pages live in: one 4 KiB block per page.
 
+use crate::PAGE_SIZE;
 use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use zsmalloc::PAGE_SIZE;
 
 #[derive(Debug)]
 struct Blocks {

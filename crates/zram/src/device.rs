@@ -1,17 +1,18 @@
 //! A zram device: the slot table and every operation on it.
 
+use crate::PAGE_SIZE;
 use crate::backing::Backing;
 use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, MAINT, Slot, SlotGuard, State};
 use crate::stats::{BdStat, Counters, IoStat, MmStat, Stats};
 use crate::{Error, SECTOR_SIZE, Store};
+use region::{Region, Zeroable};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use zcomp::{Comp, Priority, Stream};
-use zsmalloc::region::{Region, Zeroable};
-use zsmalloc::{Handle, PAGE_SIZE};
+use zsmalloc::Handle;
 
 // SAFETY: a Slot is two AtomicU64; all-zero is the empty, unlocked slot.
 unsafe impl Zeroable for Slot {}

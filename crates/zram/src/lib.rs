@@ -33,8 +33,8 @@ mod stats;
 
 pub use backing::existing_data as backing_file_data;
 pub use device::{Config, Device, PageFilter, RecompressResult};
+pub use region::PAGE_SIZE;
 pub use stats::{BdStat, IoStat, MmStat, Stats};
-pub use zsmalloc::PAGE_SIZE;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use zsmalloc::{Handle, Pool};

@@ -8,9 +8,9 @@
 //! `pages_used` counts pages held by zspages and is checked against a limit that may change at
 //! run time.
 
-use crate::region::{Region, Zeroable};
 use crate::{Error, PAGE_SIZE};
 use parking_lot::Mutex;
+use region::{Region, Zeroable};
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -142,7 +142,9 @@ impl Arena {
             while j < batch.len() && batch[j] == batch[j - 1] + 1 {
                 j += 1;
             }
-            self.pages.discard(batch[i] as usize, j - i);
+            // SAFETY: these pages were freed by their zspages: no object lives in them, and
+            // the pool reaches a page's bytes only through a zspage that holds it.
+            unsafe { self.pages.discard(batch[i] as usize, j - i) };
             i = j;
         }
         let _ns = preempt::NonSleepGuard::new();

@@ -16,10 +16,11 @@
 //! Pages come from one reserved mapping, the page arena ([`arena`]); pages of freed zspages go
 //! back to it, and past a small cache it gives their memory back to the OS, so the process's
 //! resident memory follows the pool's size. Handles, zspage records and pages are all named by
-//! 32-bit indices into big mappings ([`region`]), never by heap pointers.
+//! 32-bit indices into big mappings (the `region` crate), never by heap pointers.
 //!
 //! A [`Handle`] is a stable id: the handle table maps it to the object's current zspage and
 //! slot (and its length), so compaction may move the object.
+
 //!
 //! Within a class, zspages sit on fullness lists (empty, 0-9% .. 90-99%, full). Allocation
 //! takes a slot in the fullest zspage with room; compaction moves objects out of the emptiest
@@ -56,15 +57,14 @@
 pub mod arena;
 pub mod class;
 mod pool;
-pub mod region;
 mod zspage;
 
 pub use class::{Layout, SizeClass};
 pub use pool::{ClassStats, Config, Handle, Pool, PoolStats, ReadGuard};
 pub use zspage::NR_GROUPS;
 
-/// Size of a page of the pool, and the largest object.
-pub const PAGE_SIZE: usize = 4096;
+/// Size of a page of the pool, and the largest object (defined in `region`).
+pub use region::PAGE_SIZE;
 
 /// Errors of the pool.
 #[derive(Debug, thiserror::Error)]

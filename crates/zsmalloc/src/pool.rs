@@ -2,11 +2,11 @@
 
 use crate::arena::Arena;
 use crate::class::{Layout, MAX_CHAIN, MIN_CHAIN, MIN_CLASS_SIZE, SizeClass};
-use crate::region::Region;
 use crate::zspage::{GROUP_FULL, NONE, NONE16, NR_GROUPS, ZsPage, group_of};
 use crate::{Error, PAGE_SIZE};
 use parking_lot::Mutex;
 use preempt::NonSleepGuard;
+use region::Region;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 

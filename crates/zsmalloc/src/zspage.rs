@@ -1,4 +1,4 @@
-//! Zspage metadata: one fixed-size record per zspage, in a [`Region`](crate::region::Region)
+//! Zspage metadata: one fixed-size record per zspage, in a [`Region`](region::Region)
 //! indexed by zspage id.
 //!
 //! Fields other than `lock` are plain data guarded by the owning class's lock; they are atomics
@@ -8,7 +8,7 @@
 //! user and only ever tries it.
 
 use crate::class::MAX_CHAIN;
-use crate::region::Zeroable;
+use region::Zeroable;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, Ordering::*};
 
 /// "No zspage" in list links, "no slot" in free lists.

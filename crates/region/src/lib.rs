@@ -1,15 +1,44 @@
-//! Big anonymous mappings that hold the pool's state as plain data at fixed offsets.
+//! Big anonymous mappings that hold plain-data records at fixed indices, and the page size the
+//! store is built on.
 //!
-//! Everything the pool keeps per page, per zspage and per handle lives in a [`Region`]: one
-//! `mmap` reserved up front for the largest size the pool may reach (`MAP_NORESERVE`: address
-//! space only, no memory is committed), touched, and so backed by memory, only as far as it is
-//! used. Entries are found by index, never through heap pointers, so that the same state could
-//! later live on a memfd that outlives the process. Reserving once also means no `mmap` per
-//! zspage: the kernel caps a process at about 65k mappings.
+//! A [`Region<T>`] is one `mmap` reserved up front for the largest number of records a table
+//! may ever need (`MAP_NORESERVE`: address space only, no memory is committed), touched, and so
+//! backed by memory, only as far as it is used. Records are found by index, never through heap
+//! pointers, so that the same state could later live on a memfd that outlives the process.
+//! Reserving once also means no `mmap` per object: the kernel caps a process at about 65k
+//! mappings.
+//!
+//! Users: zsmalloc keeps its handle table, its zspage records and its page arena in regions;
+//! zram keeps each device's slot table in one. The helper has its own crate, rather than living
+//! in zsmalloc, so that zram uses it without reaching into its allocator's internals, and so
+//! that the one piece of raw memory management below the store is small enough to audit alone.
+//!
+//! # Safety story
+//!
+//! - A region hands out only shared references (`&T`): records change through interior
+//!   mutability (atomics, or raw pointers into `UnsafeCell` pages whose users coordinate with
+//!   their own locks). `T: Sync` is required, so sharing those references between threads is
+//!   sound.
+//! - Fresh anonymous memory reads as zeroes, so every record starts as the all-zero value.
+//!   [`Zeroable`] (an `unsafe` trait) is the promise that this value is a valid `T`: integers,
+//!   atomics, and structs of them.
+//! - [`Region::get`] and [`Region::ptr`] bounds-check the index; the mapping lives as long as
+//!   the region, and references borrow the region.
+//! - [`Region::discard`] gives memory back (`MADV_DONTNEED`): the records read as zeroes again.
+//!   It is `unsafe` because the kernel rewrites the bytes outside Rust's memory model: nobody
+//!   may be using those records while it runs.
+//!
+//! [`PAGE_SIZE`] lives here because this is the lowest crate that needs it (regions count
+//! resident memory in pages): zcomp's streams, zsmalloc's pool and zram's devices all use this
+//! one definition.
 
 use std::io;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+
+/// A page: of the machine (the unit `mincore` reports in), of a zsmalloc zspage chain, of a zram
+/// device, and the input of one compression.
+pub const PAGE_SIZE: usize = 4096;
 
 /// Types for which all-zero bytes are a valid value (fresh anonymous memory is zeroed).
 ///
@@ -99,13 +128,17 @@ impl<T: Zeroable> Region<T> {
     }
 
     /// Gives the memory of entries `first..first + n` back to the OS; they read as zero after.
-    /// The caller must ensure nobody is using these entries.
-    pub fn discard(&self, first: usize, n: usize) {
+    ///
+    /// # Safety
+    ///
+    /// No thread may read or write these entries while the call runs (the kernel replaces
+    /// their bytes, which no Rust synchronisation covers).
+    pub unsafe fn discard(&self, first: usize, n: usize) {
         assert!(first + n <= self.cap);
         let size = std::mem::size_of::<T>();
-        // SAFETY: the range is inside our own mapping; MADV_DONTNEED on private anonymous
-        // memory only replaces its contents with zeroes, which is a valid T (Zeroable), and
-        // callers hand in only entries that no one refers to.
+        // SAFETY: the range is inside our own mapping (asserted above); MADV_DONTNEED on
+        // private anonymous memory only replaces its contents with zeroes, which is a valid T
+        // (Zeroable), and the caller guarantees that no one accesses these entries meanwhile.
         let rc = unsafe {
             libc::madvise(
                 self.base.as_ptr().add(first).cast(),
@@ -118,11 +151,11 @@ impl<T: Zeroable> Region<T> {
 
     /// How many of the first `n` entries' bytes are resident, in 4 KiB pages (mincore).
     pub fn resident_pages(&self, n: usize) -> usize {
-        let bytes = (n * std::mem::size_of::<T>()).div_ceil(4096) * 4096;
+        let bytes = (n * std::mem::size_of::<T>()).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         if bytes == 0 {
             return 0;
         }
-        let mut vec = vec![0u8; bytes / 4096];
+        let mut vec = vec![0u8; bytes / PAGE_SIZE];
         // SAFETY: the range starts at our page-aligned mapping and stays inside it (its length
         // is a multiple of the page size: mmap rounds up), and vec has one byte per page.
         let rc = unsafe { libc::mincore(self.base.as_ptr().cast(), bytes, vec.as_mut_ptr()) };
@@ -159,7 +192,8 @@ mod tests {
             r.get(i).store(i as u64 + 1, Ordering::Relaxed);
         }
         assert_eq!(r.resident_pages(1 << 20), 2048);
-        r.discard(0, 1 << 20);
+        // SAFETY: no other thread has the region.
+        unsafe { r.discard(0, 1 << 20) };
         assert_eq!(r.resident_pages(1 << 20), 0);
         assert_eq!(r.get(512).load(Ordering::Relaxed), 0);
     }
