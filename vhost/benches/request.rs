@@ -20,7 +20,7 @@ const SIZE: u64 = 64 << 20;
 
 fn bench(c: &mut Criterion) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let store = Arc::new(zram::Store::new(zsmalloc::Config::default()).unwrap());
+    let store = Arc::new(zram::Store::new(zram::StoreConfig::default()).unwrap());
     let comp = Arc::new(zcomp::Comp::parse("lz4", &[]).unwrap());
     let cfg = zram::Config {
         size: SIZE,

@@ -177,7 +177,7 @@ fn load_options(socket: PathBuf, jobs: Vec<Job>, mix: Mix, args: &BenchArgs) -> 
 fn in_process_device(args: &BenchArgs) -> Result<Arc<zram::Device>, BenchError> {
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
     let comp = Arc::new(zcomp::Comp::parse(&args.comp, &[]).map_err(|e| setup(&e))?);
-    let store = Arc::new(zram::Store::new(zsmalloc::Config::default()).map_err(|e| setup(&e))?);
+    let store = Arc::new(zram::Store::new(zram::StoreConfig::default()).map_err(|e| setup(&e))?);
     let cfg = zram::Config {
         size: args.size,
         backing_file: None,

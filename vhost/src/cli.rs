@@ -364,12 +364,12 @@ impl ServeArgs {
         }
         let recomp: Vec<&str> = self.recomp.iter().map(String::as_str).collect();
         let comp = Arc::new(zcomp::Comp::parse(&self.comp, &recomp)?);
-        let pool = zsmalloc::Config {
+        let store = zram::Store::new(zram::StoreConfig {
             max_chain: usize::from(self.max_chain),
-            ..zsmalloc::Config::default()
-        };
-        let store = Arc::new(zram::Store::new(pool).map_err(BuildError::Store)?);
-        store.set_mem_limit(self.mem_limit);
+            mem_limit: self.mem_limit,
+            ..zram::StoreConfig::default()
+        });
+        let store = Arc::new(store.map_err(BuildError::Store)?);
         let mut devices = Vec::new();
         for spec in specs {
             let name = spec.name.clone().unwrap();

@@ -89,9 +89,8 @@ impl Fixture {
     fn unstarted(devices: &[DevSpec]) -> Fixture {
         let dir = TempDir::new();
         let store = Arc::new(
-            Store::new(zsmalloc::Config {
+            Store::new(zram::StoreConfig {
                 capacity_pages: 1 << 16,
-                page_limit: 1 << 16,
                 ..Default::default()
             })
             .unwrap(),
@@ -333,7 +332,7 @@ fn compact_frees_pages() {
     for i in (0..2000).step_by(2) {
         d.discard(i, 1).unwrap();
     }
-    let freeable = f.store.pool().freeable_pages();
+    let freeable = f.store.freeable_pages();
     assert!(freeable > 0, "the test needs a fragmented pool");
     let used = f.store.mem_used_total();
 
@@ -341,7 +340,7 @@ fn compact_frees_pages() {
     assert!(r.pages_freed > 0);
     assert_eq!(r.pages_compacted, f.store.pages_compacted());
     assert_eq!(f.store.mem_used_total(), used - r.pages_freed * 4096);
-    assert!(f.store.pool().freeable_pages() < freeable);
+    assert!(f.store.freeable_pages() < freeable);
     for i in (1..2000).step_by(2) {
         check_page(d, i, PageKind::Heap);
     }
@@ -802,7 +801,7 @@ fn background_compaction_runs_when_enough_is_freeable() {
     for i in (0..3000).step_by(2) {
         d.discard(i, 1).unwrap();
     }
-    let freeable = f.store.pool().freeable_pages();
+    let freeable = f.store.freeable_pages();
     assert!(freeable > 0, "the test needs a fragmented pool");
     assert_eq!(f.store.pages_compacted(), 0);
     f.start(
@@ -816,7 +815,7 @@ fn background_compaction_runs_when_enough_is_freeable() {
     wait_for("background compaction", || {
         c.stat().unwrap().store.pages_compacted > 0
     });
-    assert!(f.store.pool().freeable_pages() < freeable);
+    assert!(f.store.freeable_pages() < freeable);
     for i in (1..3000).step_by(2) {
         check_page(f.device(0), i, PageKind::Heap);
     }
@@ -830,7 +829,7 @@ fn background_compaction_waits_for_its_threshold() {
     for i in (0..1000).step_by(2) {
         d.discard(i, 1).unwrap();
     }
-    let freeable = f.store.pool().freeable_pages();
+    let freeable = f.store.freeable_pages();
     assert!(freeable > 0);
     f.start(
         |c| {
@@ -1195,7 +1194,7 @@ fn duplicate_keys_are_refused() {
     for i in (0..2000).step_by(2) {
         f.device(0).discard(i, 1).unwrap();
     }
-    let freeable = f.store.pool().freeable_pages();
+    let freeable = f.store.freeable_pages();
     assert!(freeable > 0);
     let mut raw = f.raw();
     let a = raw.ask(r#"{"cmd":"stat","cmd":"compact"}"#);
@@ -1203,7 +1202,7 @@ fn duplicate_keys_are_refused() {
     let a = raw.ask(r#"{"cmd":"mem_limit","bytes":4096,"bytes":0}"#);
     assert!(error_of(&a).contains(r#"duplicate key "bytes""#), "{a}");
     // Nothing ran.
-    assert_eq!(f.store.pool().freeable_pages(), freeable);
+    assert_eq!(f.store.freeable_pages(), freeable);
     assert_eq!(f.store.pages_compacted(), 0);
     assert_eq!(f.store.mem_limit(), 0);
     // Bad bytes are errors too, on a connection that keeps going.

@@ -21,7 +21,7 @@ fn pages() -> Vec<[u8; PAGE_SIZE]> {
 }
 
 fn device(algo: &str, pages: u64) -> Device {
-    let store = Arc::new(Store::new(zsmalloc::Config::default()).unwrap());
+    let store = Arc::new(Store::new(zram::StoreConfig::default()).unwrap());
     let comp = zcomp::Comp::parse(algo, &[]).unwrap();
     Device::new(
         store,

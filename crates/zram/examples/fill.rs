@@ -21,7 +21,7 @@ fn main() {
         eprintln!("fill: {e}");
         std::process::exit(2)
     });
-    let store = Arc::new(Store::new(zsmalloc::Config::default()).expect("pool"));
+    let store = Arc::new(Store::new(zram::StoreConfig::default()).expect("pool"));
     let cfg = Config {
         size,
         backing_file: None,

@@ -65,7 +65,7 @@ pub struct Config {
 }
 
 /// What a recompression pass did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecompressResult {
     /// Pages that matched and were tried.
     pub tried: u64,
@@ -737,10 +737,10 @@ mod tests {
 
     fn store(pages: usize) -> Arc<Store> {
         Arc::new(
-            Store::new(zsmalloc::Config {
+            Store::new(crate::StoreConfig {
                 max_chain: 8,
                 capacity_pages: pages,
-                page_limit: pages,
+                mem_limit: 0,
             })
             .unwrap(),
         )
@@ -800,7 +800,7 @@ mod tests {
             MmStat {
                 orig_data_size: 2 * 4096,
                 compr_data_size: clen + 4096,
-                mem_used_total: st.pool().pages_used() as u64 * 4096,
+                mem_used_total: st.pool_stats().pages_used as u64 * 4096,
                 mem_limit: 0,
                 mem_used_max: st_.mm_stat.mem_used_max,
                 same_pages: 0,
@@ -972,7 +972,7 @@ mod tests {
         assert_eq!(dev.stats().bd_stat.bd_count, 24 - 5);
         assert_eq!(dev.stats().mm_stat.orig_data_size, 60 * 4096);
         drop(dev);
-        assert_eq!(st.pool().pages_used(), 0);
+        assert_eq!(st.mem_used_total(), 0);
         std::fs::remove_file(path).unwrap();
         let no_file = device(&st, 4, None);
         assert!(matches!(

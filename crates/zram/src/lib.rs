@@ -25,6 +25,16 @@
 //!
 //! Devices share a [`Store`]: one zsmalloc pool and one memory limit. A write that would take
 //! the pool past the limit fails with [`Error::NoSpace`]; the page keeps its old content.
+//!
+//! # The daemon's interface to storage
+//!
+//! zram is all a user (the `vzram` daemon) sees of storage: it is configured with zram's own
+//! types ([`StoreConfig`], [`Config`]) and reports zram's statistics ([`Stats`], and the
+//! store's [`PoolStats`]), all `Serialize + Deserialize`, so a control protocol can carry them
+//! as they are. No zsmalloc type appears in this crate's public API: the allocator can change
+//! without its users noticing. The slot table lives in a `region::Region`, the same kind of
+//! mapping zsmalloc keeps its tables in; [`PAGE_SIZE`] comes from `region` and
+//! [`SECTOR_SIZE`] is defined here, the lowest crate that needs it.
 
 mod backing;
 mod device;
@@ -34,7 +44,7 @@ mod stats;
 pub use backing::existing_data as backing_file_data;
 pub use device::{Config, Device, PageFilter, RecompressResult};
 pub use region::PAGE_SIZE;
-pub use stats::{BdStat, IoStat, MmStat, Stats};
+pub use stats::{BdStat, IoStat, MmStat, PoolStats, Stats};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use zsmalloc::{Handle, Pool};
@@ -61,7 +71,39 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("allocator: {0}")]
-    Alloc(zsmalloc::Error),
+    Alloc(#[source] AllocError),
+}
+
+/// A failure of the allocator under the store other than running out of memory: a
+/// configuration it refuses, or address space it cannot reserve. Opaque: which allocator that
+/// is stays zram's business.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct AllocError(zsmalloc::Error);
+
+/// How a [`Store`] is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Longest chain of pages the allocator groups objects of one size class in (4..=16; the
+    /// kernel's zsmalloc default is 8). Longer chains waste less on awkward sizes.
+    pub max_chain: usize,
+    /// The most pages the store can ever hold: address space reserved up front, no memory.
+    /// The default is the machine's physical memory.
+    pub capacity_pages: usize,
+    /// zram's `mem_limit` in bytes (0: none; it can change later with
+    /// [`Store::set_mem_limit`]).
+    pub mem_limit: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let pool = zsmalloc::Config::default();
+        StoreConfig {
+            max_chain: pool.max_chain,
+            capacity_pages: pool.capacity_pages,
+            mem_limit: 0,
+        }
+    }
 }
 
 /// Memory that devices share: the pool, its limit and its high-water mark.
@@ -73,15 +115,24 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(cfg: zsmalloc::Config) -> Result<Store, Error> {
-        Ok(Store {
-            pool: Pool::new(cfg).map_err(Error::Alloc)?,
+    pub fn new(cfg: StoreConfig) -> Result<Store, Error> {
+        let pool = Pool::new(zsmalloc::Config {
+            max_chain: cfg.max_chain,
+            capacity_pages: cfg.capacity_pages,
+            page_limit: cfg.capacity_pages,
+        })
+        .map_err(|e| Error::Alloc(AllocError(e)))?;
+        let store = Store {
+            pool,
             limit: AtomicU64::new(0),
             max_used_pages: AtomicU64::new(0),
-        })
+        };
+        store.set_mem_limit(cfg.mem_limit);
+        Ok(store)
     }
 
-    pub fn pool(&self) -> &Pool {
+    /// The allocator, for zram's own modules only.
+    pub(crate) fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -92,7 +143,7 @@ impl Store {
             zsmalloc::Error::LimitReached { .. } | zsmalloc::Error::TooManyObjects(_) => {
                 Error::NoSpace
             }
-            e => Error::Alloc(e),
+            e => Error::Alloc(AllocError(e)),
         })?;
         // Read first: a read-modify-write on every page written would bounce this cache line
         // between the workers even when the mark does not move.
@@ -137,8 +188,28 @@ impl Store {
         self.pool.stats().pages_compacted
     }
 
+    /// Pages compaction could free now (a cheap estimate from counters; takes no lock).
+    pub fn freeable_pages(&self) -> usize {
+        self.pool.freeable_pages()
+    }
+
+    /// Moves objects out of sparse allocator pages into fuller ones and frees the pages it
+    /// empties; runs beside reads and writes. Returns the pages freed.
     pub fn compact(&self) -> usize {
         self.pool.compact()
+    }
+
+    /// The allocator's own statistics.
+    pub fn pool_stats(&self) -> PoolStats {
+        let s = self.pool.stats();
+        PoolStats {
+            pages_used: s.pages_used,
+            pages_compacted: s.pages_compacted,
+            page_limit: s.page_limit,
+            capacity_pages: s.capacity_pages,
+            objects: s.objects,
+            metadata_bytes: s.metadata_bytes,
+        }
     }
 }
 

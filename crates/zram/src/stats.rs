@@ -1,6 +1,8 @@
-//! Statistics under zram's names (Documentation/admin-guide/blockdev/zram.rst).
+//! Statistics under zram's names (Documentation/admin-guide/blockdev/zram.rst), and the
+//! store's allocator statistics. All are `Serialize + Deserialize`: they are the wire format of
+//! the daemon's `stat` command as they are.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
 /// The device's running counters.
@@ -27,7 +29,7 @@ pub(crate) struct Counters {
 }
 
 /// zram's `mm_stat`, in bytes unless named in pages.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmStat {
     /// Uncompressed size of the data stored (every stored page, same-filled and written-back
     /// ones included).
@@ -69,7 +71,7 @@ impl MmStat {
 }
 
 /// zram's `io_stat`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IoStat {
     pub failed_reads: u64,
     pub failed_writes: u64,
@@ -80,7 +82,7 @@ pub struct IoStat {
 }
 
 /// zram's `bd_stat`, in pages.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BdStat {
     /// Pages in the backing file now.
     pub bd_count: u64,
@@ -89,7 +91,7 @@ pub struct BdStat {
 }
 
 /// A snapshot of a device's statistics.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     pub disksize: u64,
     pub comp_algorithm: String,
@@ -101,4 +103,21 @@ pub struct Stats {
     pub writes: u64,
     pub read_bytes: u64,
     pub write_bytes: u64,
+}
+
+/// The store's allocator: how much it holds and how full its tables are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// Pages the allocator holds (the kernel's `zs_get_total_pages`).
+    pub pages_used: usize,
+    /// Pages freed by compaction since the store was made.
+    pub pages_compacted: u64,
+    /// Pages the allocator may use: the memory limit in pages, or the capacity.
+    pub page_limit: usize,
+    /// The most pages the store can ever hold (address space reserved).
+    pub capacity_pages: usize,
+    /// Objects allocated now.
+    pub objects: usize,
+    /// Bytes of the allocator's own tables touched so far.
+    pub metadata_bytes: usize,
 }

@@ -328,7 +328,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     prop_assert_eq!(s.mm_stat.same_pages, 0);
     prop_assert_eq!(s.mm_stat.huge_pages, 0);
     prop_assert_eq!(s.bd_stat.bd_count, 0);
-    prop_assert_eq!(dev.store().pool().pages_used(), 0);
+    prop_assert_eq!(dev.store().pool_stats().pages_used, 0);
     for i in 0..PAGES {
         let mut p = [1u8; PAGE_SIZE];
         dev.read_page(i, &mut p, &mut st)

@@ -306,7 +306,7 @@ fn one_device_three_workers_and_maintenance() {
     assert_eq!(s.mm_stat.same_pages, 0);
     assert_eq!(s.mm_stat.huge_pages, 0);
     assert_eq!(s.bd_stat.bd_count, 0);
-    assert_eq!(dev.store().pool().pages_used(), 0);
+    assert_eq!(dev.store().pool_stats().pages_used, 0);
 }
 
 #[test]
@@ -363,7 +363,7 @@ fn two_devices_share_one_store() {
     );
     // The pool is shared: both see the same memory figures.
     assert_eq!(sa.mm_stat.mem_used_total, sb.mm_stat.mem_used_total);
-    assert!(store.pool().pages_used() > 0);
+    assert!(store.pool_stats().pages_used > 0);
 
     // Dropping one device gives its memory back; discarding the other empties the pool.
     drop(a);
@@ -373,7 +373,7 @@ fn two_devices_share_one_store() {
     assert_eq!(s.mm_stat.compr_data_size, 0);
     assert_eq!(s.bd_stat.bd_count, 0);
     assert_eq!(
-        store.pool().pages_used(),
+        store.pool_stats().pages_used,
         0,
         "pool empty after drop + discard"
     );

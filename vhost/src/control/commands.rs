@@ -252,7 +252,6 @@ impl Context {
 
     pub fn stat(&self) -> StatReply {
         let devices = self.devices.iter().map(|s| device_stat(s)).collect();
-        let pool = self.store.pool();
         StatReply {
             devices,
             store: StoreStat {
@@ -260,8 +259,8 @@ impl Context {
                 mem_used_total: self.store.mem_used_total(),
                 mem_used_max: self.store.mem_used_max(),
                 pages_compacted: self.store.pages_compacted(),
-                freeable_pages: pool.freeable_pages() as u64,
-                pool: pool.stats(),
+                freeable_pages: self.store.freeable_pages() as u64,
+                pool: self.store.pool_stats(),
             },
         }
     }

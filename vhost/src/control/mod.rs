@@ -439,7 +439,7 @@ impl Server {
 /// Every `interval` until the sender goes: compacts when enough pages would be freed.
 fn compactor(store: &zram::Store, interval: Duration, threshold: usize, stop: &mpsc::Receiver<()>) {
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
-        let freeable = store.pool().freeable_pages();
+        let freeable = store.freeable_pages();
         if freeable >= threshold {
             let freed = store.compact();
             log::info!("background compaction: {freed} pages freed ({freeable} were freeable)");

@@ -4,7 +4,8 @@
 //! order. A request names its command in `"cmd"`; an optional `"id"` (any JSON value) is echoed
 //! in the response so that a client may pipeline. A response is `{"ok":true,"result":{...}}` or
 //! `{"ok":false,"error":"..."}`. The types here are shared by the server and the client, so the
-//! two cannot drift apart.
+//! two cannot drift apart; statistics are zram's own types (`Serialize + Deserialize` there),
+//! carried as they are.
 
 use crate::counters::QueueStats;
 use serde::{Deserialize, Serialize};
@@ -124,68 +125,6 @@ pub struct Response<T> {
     pub result: Option<T>,
 }
 
-// zram's statistics types are `Serialize` only; these remote definitions add `Deserialize` for
-// the client. They name every field, so a field added in zram fails to compile here until it is
-// added: the client cannot silently drop one.
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "zram::MmStat")]
-struct MmStatDef {
-    orig_data_size: u64,
-    compr_data_size: u64,
-    mem_used_total: u64,
-    mem_limit: u64,
-    mem_used_max: u64,
-    same_pages: u64,
-    pages_compacted: u64,
-    huge_pages: u64,
-    huge_pages_since: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "zram::IoStat")]
-struct IoStatDef {
-    failed_reads: u64,
-    failed_writes: u64,
-    invalid_io: u64,
-    notify_free: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "zram::BdStat")]
-struct BdStatDef {
-    bd_count: u64,
-    bd_reads: u64,
-    bd_writes: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "zram::Stats")]
-struct StatsDef {
-    disksize: u64,
-    comp_algorithm: String,
-    #[serde(with = "MmStatDef")]
-    mm_stat: zram::MmStat,
-    #[serde(with = "IoStatDef")]
-    io_stat: zram::IoStat,
-    #[serde(with = "BdStatDef")]
-    bd_stat: zram::BdStat,
-    reads: u64,
-    writes: u64,
-    read_bytes: u64,
-    write_bytes: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "zsmalloc::PoolStats")]
-struct PoolStatsDef {
-    pages_used: usize,
-    pages_compacted: u64,
-    page_limit: usize,
-    capacity_pages: usize,
-    objects: usize,
-    metadata_bytes: usize,
-}
-
 /// A secondary (recompression) algorithm of a device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecompAlgorithm {
@@ -209,7 +148,7 @@ pub struct DeviceStat {
     pub recomp_algorithms: Vec<RecompAlgorithm>,
     /// zram's statistics (`disksize`, `comp_algorithm`, `mm_stat`, `io_stat`, `bd_stat`, ...)
     /// at the top level of the device object.
-    #[serde(flatten, with = "StatsDef")]
+    #[serde(flatten)]
     pub zram: zram::Stats,
     /// Request counters, one entry per virtqueue.
     pub queues: Vec<QueueStats>,
@@ -226,8 +165,8 @@ pub struct StoreStat {
     pub pages_compacted: u64,
     /// Pages compaction could free now.
     pub freeable_pages: u64,
-    #[serde(with = "PoolStatsDef")]
-    pub pool: zsmalloc::PoolStats,
+    /// The store's allocator.
+    pub pool: zram::PoolStats,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,4 +264,64 @@ pub enum Reply {
     WritebackLimit(WritebackLimitReply),
     MemLimit(MemLimitReply),
     ResetMemUsedMax(ResetMemUsedMaxReply),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `vzram stat --json` prints a [`StatReply`]: its field names and order are what clients
+    /// parse, so they are pinned here, whatever types the statistics come from.
+    #[test]
+    fn the_stat_reply_wire_format_is_stable() {
+        let reply = StatReply {
+            devices: vec![DeviceStat {
+                name: "vz0".into(),
+                socket: "/run/vz0.sock".into(),
+                connected: true,
+                connections: 1,
+                readonly: false,
+                streams: 1,
+                recomp_algorithms: vec![RecompAlgorithm {
+                    priority: 1,
+                    algorithm: "zstd".into(),
+                }],
+                zram: Default::default(),
+                queues: vec![QueueStats::default()],
+            }],
+            store: StoreStat {
+                mem_limit: 0,
+                mem_used_total: 0,
+                mem_used_max: 0,
+                pages_compacted: 0,
+                freeable_pages: 0,
+                pool: Default::default(),
+            },
+        };
+        let json = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            json,
+            concat!(
+                r#"{"devices":[{"name":"vz0","socket":"/run/vz0.sock","connected":true,"#,
+                r#""connections":1,"readonly":false,"streams":1,"#,
+                r#""recomp_algorithms":[{"priority":1,"algorithm":"zstd"}],"#,
+                r#""disksize":0,"comp_algorithm":"","#,
+                r#""mm_stat":{"orig_data_size":0,"compr_data_size":0,"mem_used_total":0,"#,
+                r#""mem_limit":0,"mem_used_max":0,"same_pages":0,"pages_compacted":0,"#,
+                r#""huge_pages":0,"huge_pages_since":0},"#,
+                r#""io_stat":{"failed_reads":0,"failed_writes":0,"invalid_io":0,"notify_free":0},"#,
+                r#""bd_stat":{"bd_count":0,"bd_reads":0,"bd_writes":0},"#,
+                r#""reads":0,"writes":0,"read_bytes":0,"write_bytes":0,"#,
+                r#""queues":[{"requests":0,"reads":0,"writes":0,"flushes":0,"discards":0,"#,
+                r#""write_zeroes":0,"get_ids":0,"read_bytes":0,"write_bytes":0,"io_errors":0,"#,
+                r#""unsupported":0}]}],"#,
+                r#""store":{"mem_limit":0,"mem_used_total":0,"mem_used_max":0,"#,
+                r#""pages_compacted":0,"freeable_pages":0,"#,
+                r#""pool":{"pages_used":0,"pages_compacted":0,"page_limit":0,"capacity_pages":0,"#,
+                r#""objects":0,"metadata_bytes":0}}}"#
+            )
+        );
+        let back: StatReply = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, reply);
+    }
 }

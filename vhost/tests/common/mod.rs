@@ -12,7 +12,7 @@ pub fn served(
     readonly: bool,
     mem_limit: u64,
 ) -> Arc<Served> {
-    let store = Arc::new(zram::Store::new(zsmalloc::Config::default()).unwrap());
+    let store = Arc::new(zram::Store::new(zram::StoreConfig::default()).unwrap());
     store.set_mem_limit(mem_limit);
     let comp = Arc::new(zcomp::Comp::parse("lz4", &[]).unwrap());
     let cfg = zram::Config {

@@ -34,9 +34,8 @@ pub fn comp(zstd_level: i32) -> Arc<Comp> {
 /// A store whose pool may hold `pages` pages.
 pub fn store(pages: usize) -> Arc<Store> {
     Arc::new(
-        Store::new(zsmalloc::Config {
+        Store::new(zram::StoreConfig {
             capacity_pages: pages,
-            page_limit: pages,
             ..Default::default()
         })
         .expect("store"),
