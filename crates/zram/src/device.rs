@@ -1,16 +1,17 @@
-//! A zram device: the slot table and every operation on it.
+//! A zram device: the slot table, and the page operations on it (maintenance: `maintenance`).
+
+mod maintenance;
 
 use crate::PAGE_SIZE;
 use crate::backing::Backing;
-use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, MAINT, Slot, SlotGuard, State};
+use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, Slot, SlotGuard, State};
 use crate::stats::{BdStat, Counters, IoStat, MmStat, Stats};
 use crate::{Error, SECTOR_SIZE, Store};
 use region::{Region, Zeroable};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use zcomp::{Comp, Priority, Stream};
 use zsmalloc::Handle;
 
@@ -463,215 +464,6 @@ impl Device {
         Ok(())
     }
 
-    // ---- maintenance ---------------------------------------------------------------------
-
-    /// Marks stored pages idle: all of them, or those not accessed for `older_than`.
-    /// Returns how many were marked.
-    pub fn mark_idle(&self, older_than: Option<Duration>) -> u64 {
-        let now = self.now();
-        let age = older_than.map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32);
-        let mut marked = 0;
-        for i in 0..self.pages as usize {
-            let mut g = self.slots.get(i).lock();
-            if g.entry.state() != State::Empty && now.saturating_sub(g.entry.atime()) >= age {
-                g.set_flag(IDLE, true);
-                marked += 1;
-            }
-        }
-        marked
-    }
-
-    /// Recompresses matching pages with the algorithm of priority `prio` (1..=3), keeping the
-    /// new form only if it lands in a smaller size class. `threshold`: only pages whose
-    /// compressed size is at least this. `max_pages`: stop after trying this many.
-    pub fn recompress(
-        &self,
-        filter: PageFilter,
-        threshold: Option<usize>,
-        max_pages: Option<u64>,
-        prio: Priority,
-        stream: &mut Stream,
-    ) -> Result<RecompressResult, Error> {
-        let never = AtomicBool::new(false);
-        self.recompress_until(filter, threshold, max_pages, prio, stream, &never)
-    }
-
-    /// [`Device::recompress`] that also ends early once `stop` is set (checked before each
-    /// page), returning what it did so far. Every page stays readable with its content: a page
-    /// is either left as it was or replaced whole.
-    pub fn recompress_until(
-        &self,
-        filter: PageFilter,
-        threshold: Option<usize>,
-        max_pages: Option<u64>,
-        prio: Priority,
-        stream: &mut Stream,
-        stop: &AtomicBool,
-    ) -> Result<RecompressResult, Error> {
-        if prio.is_primary() || self.comp.backend(prio).is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "no secondary algorithm with priority {}",
-                prio.get()
-            )));
-        }
-        let pool = self.store.pool();
-        let mut result = RecompressResult::default();
-        let mut page = [0u8; PAGE_SIZE];
-        for i in 0..self.pages as usize {
-            if max_pages.is_some_and(|m| result.tried >= m) || stop.load(Relaxed) {
-                break;
-            }
-            let mut g = self.slots.get(i).lock();
-            let old = g.entry;
-            let eligible = matches!(old.state(), State::Compressed | State::Huge)
-                && !old.has(INCOMPRESSIBLE)
-                && old.prio() < prio.get()
-                && filter.matches(&old)
-                && threshold.is_none_or(|t| old.len() >= t);
-            if !eligible {
-                continue;
-            }
-            self.decode(&old, &mut page, stream)?;
-            g.set_flag(MAINT, true);
-            drop(g);
-            result.tried += 1;
-            let compressed = stream.codec.compress_with(prio, &page)?;
-            let smaller = compressed.len() < pool.huge_class_size()
-                && pool.slot_size(compressed.len()) < pool.slot_size(old.len());
-            let new = if smaller {
-                let h = self.store.malloc(compressed.len())?;
-                pool.write(h, compressed);
-                Some(Entry::new(
-                    State::Compressed,
-                    h.raw() as u64,
-                    compressed.len(),
-                    prio.get(),
-                ))
-            } else {
-                None
-            };
-            let mut g = self.slots.get(i).lock();
-            if !(g.entry.has(MAINT) && g.entry.same_object(&old)) {
-                // Rewritten meanwhile: the new data wins, our copy is stale.
-                drop(g);
-                if let Some(new) = new {
-                    self.store.pool().free(Self::handle(&new));
-                }
-                continue;
-            }
-            match new {
-                Some(new) => {
-                    let flags = g.entry.meta & IDLE;
-                    let atime = g.entry.atime();
-                    self.account(&new);
-                    g.set(new, atime);
-                    g.entry.meta |= flags;
-                    drop(g);
-                    self.release(&old);
-                    result.recompressed += 1;
-                }
-                None => {
-                    g.set_flag(INCOMPRESSIBLE, true);
-                    g.set_flag(MAINT, false);
-                }
-            }
-        }
-        Ok(result)
-    }
-
-    /// Moves matching pages, compressed as they are, to the backing file, up to `limit` pages
-    /// and within the writeback limit (if enabled). Returns the pages written.
-    pub fn writeback(&self, filter: PageFilter, limit: Option<u64>) -> Result<u64, Error> {
-        self.writeback_until(filter, limit, &AtomicBool::new(false))
-    }
-
-    /// [`Device::writeback`] that also ends early once `stop` is set (checked before each
-    /// page), returning the pages written so far.
-    pub fn writeback_until(
-        &self,
-        filter: PageFilter,
-        limit: Option<u64>,
-        stop: &AtomicBool,
-    ) -> Result<u64, Error> {
-        let backing = self.backing.as_ref().ok_or(Error::NoBackingFile)?;
-        let mut buf = [0u8; PAGE_SIZE];
-        let mut local = [0u8; PAGE_SIZE];
-        let mut written = 0;
-        for i in 0..self.pages as usize {
-            if limit.is_some_and(|l| written >= l) || stop.load(Relaxed) {
-                break;
-            }
-            if !self.take_writeback_budget() {
-                break;
-            }
-            let mut g = self.slots.get(i).lock();
-            let old = g.entry;
-            if !matches!(old.state(), State::Compressed | State::Huge) || !filter.matches(&old) {
-                drop(g);
-                self.return_writeback_budget();
-                continue;
-            }
-            let len = old.len();
-            buf[..len]
-                .copy_from_slice(&self.store.pool().read_begin(Self::handle(&old), &mut local));
-            g.set_flag(MAINT, true);
-            drop(g);
-            let Some(block) = backing.alloc() else {
-                self.return_writeback_budget();
-                return Err(Error::BackingFull);
-            };
-            if let Err(e) = backing.write(block, &buf[..len]) {
-                backing.free(block);
-                self.return_writeback_budget();
-                return Err(e.into());
-            }
-            let mut g = self.slots.get(i).lock();
-            if !(g.entry.has(MAINT) && g.entry.same_object(&old)) {
-                drop(g);
-                backing.free(block);
-                self.return_writeback_budget();
-                continue;
-            }
-            let new = Entry::new(State::WrittenBack, block, len, old.prio());
-            let keep = g.entry.meta & (IDLE | INCOMPRESSIBLE);
-            let atime = g.entry.atime();
-            self.account(&new);
-            g.set(new, atime);
-            g.entry.meta |= keep;
-            drop(g);
-            self.release(&old);
-            self.counters.bd_writes.fetch_add(1, Relaxed);
-            written += 1;
-        }
-        Ok(written)
-    }
-
-    fn take_writeback_budget(&self) -> bool {
-        let c = &self.counters;
-        !c.writeback_limit_enable.load(Relaxed)
-            || c.writeback_limit
-                .fetch_update(Relaxed, Relaxed, |l| l.checked_sub(1))
-                .is_ok()
-    }
-
-    fn return_writeback_budget(&self) {
-        if self.counters.writeback_limit_enable.load(Relaxed) {
-            self.counters.writeback_limit.fetch_add(1, Relaxed);
-        }
-    }
-
-    /// zram's `writeback_limit_enable` and `writeback_limit` (in pages).
-    pub fn set_writeback_limit(&self, limit: Option<u64>) {
-        let c = &self.counters;
-        c.writeback_limit.store(limit.unwrap_or(0), Relaxed);
-        c.writeback_limit_enable.store(limit.is_some(), Relaxed);
-    }
-
-    /// Compacts the pool this device's data lives in. Returns pages freed.
-    pub fn compact(&self) -> usize {
-        self.store.compact()
-    }
-
     // ---- statistics ----------------------------------------------------------------------
 
     pub fn stats(&self) -> Stats {
@@ -734,6 +526,8 @@ impl Drop for Device {
 mod tests {
     use super::*;
     use pagemix::{Mix, PageKind, fill_kind};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
 
     fn store(pages: usize) -> Arc<Store> {
         Arc::new(
