@@ -20,7 +20,11 @@
 //!
 //! A [`Handle`] is a stable id: the handle table maps it to the object's current zspage and
 //! slot (and its length), so compaction may move the object.
-
+//!
+//! The code follows those pieces: `class` (the class table), `arena` (pages), `zspage` (zspage
+//! records), `pool` (placement, object access, statistics) with its modules `pool/handles.rs`
+//! (the handle table and id allocation) and `pool/compact.rs` (compaction); the mappings
+//! themselves come from the `region` crate, shared with zram's slot table.
 //!
 //! Within a class, zspages sit on fullness lists (empty, 0-9% .. 90-99%, full). Allocation
 //! takes a slot in the fullest zspage with room; compaction moves objects out of the emptiest

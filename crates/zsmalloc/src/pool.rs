@@ -1,63 +1,20 @@
-//! The pool: handles, placement, object access and compaction.
+//! The pool: placement, object access, limits and statistics. The handle table is in
+//! `handles`, compaction in `compact`.
+
+mod compact;
+mod handles;
+
+pub use handles::Handle;
 
 use crate::arena::Arena;
 use crate::class::{Layout, MAX_CHAIN, MIN_CHAIN, MIN_CLASS_SIZE, SizeClass};
 use crate::zspage::{GROUP_FULL, NONE, NONE16, NR_GROUPS, ZsPage, group_of};
 use crate::{Error, PAGE_SIZE};
+use handles::{HandleIds, IdAlloc, entry};
 use parking_lot::Mutex;
 use preempt::NonSleepGuard;
 use region::Region;
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
-
-/// An allocated object. Stable for the object's life, whatever compaction does; small enough
-/// (4 bytes, `Option<Handle>` too) to keep in a slot table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Handle(NonZeroU32);
-
-impl Handle {
-    /// The handle as a number, to store elsewhere.
-    pub fn raw(self) -> u32 {
-        self.0.get()
-    }
-
-    /// A handle from [`Handle::raw`]'s number (0 is never a handle).
-    pub fn from_raw(raw: u32) -> Option<Handle> {
-        NonZeroU32::new(raw).map(Handle)
-    }
-}
-
-/// The handle table entry: where the object is, how long it is, and who is using it.
-///
-/// `| alloc:1 | writer:1 | readers:6 | len:13 | obj idx:11 | zspage:32 |`. The location bits
-/// change only under the class lock (malloc, compaction); the reader count and writer bit are
-/// the handle's own pin: `free` and `write` refuse a handle that is being read, so a caller's
-/// mistake cannot tear an object under a reader's view.
-mod entry {
-    pub const IDX_SHIFT: u32 = 32;
-    pub const LEN_SHIFT: u32 = 43;
-    pub const LOC_MASK: u64 = (1 << LEN_SHIFT) - 1;
-    pub const READER: u64 = 1 << 56;
-    pub const READERS: u64 = 0x3F << 56;
-    pub const WRITER: u64 = 1 << 62;
-    pub const ALLOC: u64 = 1 << 63;
-
-    pub fn new(zspage: u32, idx: usize, len: usize) -> u64 {
-        ALLOC | (len as u64) << LEN_SHIFT | loc(zspage, idx)
-    }
-    pub fn loc(zspage: u32, idx: usize) -> u64 {
-        (idx as u64) << IDX_SHIFT | zspage as u64
-    }
-    pub fn zspage(e: u64) -> u32 {
-        e as u32
-    }
-    pub fn idx(e: u64) -> usize {
-        ((e >> IDX_SHIFT) & 0x7FF) as usize
-    }
-    pub fn len(e: u64) -> usize {
-        ((e >> LEN_SHIFT) & 0x1FFF) as usize
-    }
-}
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
 /// Tag in a normal object's header: the slot holds an object of the handle in the low bits.
 /// A free slot's header holds the index of the next free slot instead.
@@ -84,101 +41,6 @@ impl Default for Config {
             capacity_pages: capacity,
             page_limit: capacity,
         }
-    }
-}
-
-#[derive(Debug)]
-struct IdAlloc {
-    free: Vec<u32>,
-    next: u32,
-    cap: u32,
-}
-
-impl IdAlloc {
-    fn alloc(&mut self) -> Option<u32> {
-        self.free.pop().or_else(|| {
-            (self.next < self.cap).then(|| {
-                self.next += 1;
-                self.next - 1
-            })
-        })
-    }
-}
-
-/// Handle ids, in shards so that threads allocating and freeing at once do not meet on one
-/// lock, nor on the cache lines of their handle table entries: shard `s` owns the id range
-/// `s * per_shard ..`, a thread allocates from its own shard (threads are spread over the
-/// shards round-robin), and a freed id goes back to the shard that owns it.
-#[derive(Debug)]
-struct HandleIds {
-    shards: Box<[CachePadded<Mutex<IdAlloc>>]>,
-    per_shard: u32,
-}
-
-const HANDLE_SHARDS: u32 = 16;
-
-/// Keeps hot per-shard or per-class state on cache lines of its own.
-#[derive(Debug)]
-#[repr(align(128))]
-struct CachePadded<T>(T);
-
-impl<T> std::ops::Deref for CachePadded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-impl HandleIds {
-    fn new(max: u32) -> Self {
-        let per_shard = max / HANDLE_SHARDS;
-        HandleIds {
-            shards: (0..HANDLE_SHARDS)
-                .map(|s| {
-                    CachePadded(Mutex::new(IdAlloc {
-                        free: Vec::new(),
-                        // Id 0 is never a handle: shard 0 starts at its second id.
-                        next: (s == 0) as u32,
-                        cap: per_shard,
-                    }))
-                })
-                .collect(),
-            per_shard,
-        }
-    }
-
-    fn my_shard() -> u32 {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        thread_local!(static SHARD: u32 = NEXT.fetch_add(1, Relaxed) % HANDLE_SHARDS);
-        SHARD.with(|s| *s)
-    }
-
-    fn alloc(&self) -> Result<u32, Error> {
-        let first = Self::my_shard();
-        let _ns = NonSleepGuard::new();
-        // Another shard only when this one is exhausted.
-        for s in (0..HANDLE_SHARDS).map(|i| (first + i) % HANDLE_SHARDS) {
-            if let Some(k) = self.shards[s as usize].lock().alloc() {
-                return Ok(s * self.per_shard + k);
-            }
-        }
-        Err(Error::TooManyObjects(
-            (self.per_shard * HANDLE_SHARDS) as usize,
-        ))
-    }
-
-    fn free(&self, id: u32) {
-        let _ns = NonSleepGuard::new();
-        self.shards[(id / self.per_shard) as usize]
-            .lock()
-            .free
-            .push(id % self.per_shard);
-    }
-
-    /// Ids handed out at least once: the touched part of the handle table.
-    fn high_water(&self) -> usize {
-        let _ns = NonSleepGuard::new();
-        self.shards.iter().map(|s| s.lock().next as usize).sum()
     }
 }
 
@@ -337,11 +199,6 @@ impl Pool {
     }
 
     #[inline]
-    fn entry(&self, h: Handle) -> &AtomicU64 {
-        self.handles.get(h.raw() as usize)
-    }
-
-    #[inline]
     fn zspage(&self, id: u32) -> &ZsPage {
         self.zspages.get(id as usize)
     }
@@ -383,15 +240,6 @@ impl Pool {
             .fetch_add(class.spec.objs_per_zspage, Relaxed);
         self.place(class, &mut lists, z, h, len);
         Ok(h)
-    }
-
-    fn alloc_handle(&self) -> Result<Handle, Error> {
-        let id = self.handle_ids.alloc()?;
-        Ok(Handle(NonZeroU32::new(id).expect("handle ids start at 1")))
-    }
-
-    fn free_handle(&self, h: Handle) {
-        self.handle_ids.free(h.raw());
     }
 
     fn new_zspage(&self, class: &Class) -> Result<u32, Error> {
@@ -728,144 +576,6 @@ impl Pool {
 
     fn write_header(&self, class: &Class, z: &ZsPage, idx: usize, v: u32) {
         self.copy_in(z, idx * class.spec.size, &v.to_ne_bytes());
-    }
-
-    // ---- compaction --------------------------------------------------------------------
-
-    /// Pages that compaction could free now: the kernel's `zs_can_compact` summed over classes.
-    /// Reads counters only; takes no lock.
-    pub fn freeable_pages(&self) -> usize {
-        self.classes.iter().map(Class::freeable_pages).sum()
-    }
-
-    /// Moves objects from the emptiest zspages of each class into the fullest and frees the
-    /// zspages it empties. Runs beside readers, writers, malloc and free: it holds a class lock
-    /// for one source zspage at a time, and skips zspages being read or written rather than
-    /// waiting for them. Returns the pages freed.
-    pub fn compact(&self) -> usize {
-        (0..self.classes.len()).map(|c| self.compact_class(c)).sum()
-    }
-
-    /// [`Pool::compact`] on `threads` threads, classes shared among them.
-    pub fn compact_parallel(&self, threads: usize) -> usize {
-        let next = AtomicUsize::new(0);
-        let freed = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| {
-                    loop {
-                        let c = next.fetch_add(1, Relaxed);
-                        if c >= self.classes.len() {
-                            break;
-                        }
-                        freed.fetch_add(self.compact_class(c), Relaxed);
-                    }
-                });
-            }
-        });
-        freed.into_inner()
-    }
-
-    fn compact_class(&self, c: usize) -> usize {
-        let class = &self.classes[c];
-        if class.spec.is_huge() {
-            return 0;
-        }
-        let mut freed = 0;
-        // Each round empties a zspage or fills a destination; bound the rounds anyway.
-        let mut rounds = class.objs_allocated.load(Relaxed) / class.spec.objs_per_zspage * 2 + 2;
-        while rounds > 0 && class.freeable_pages() > 0 {
-            rounds -= 1;
-            let emptied = {
-                let _ns = NonSleepGuard::new();
-                let mut lists = class.lists.lock();
-                let Some(src) = self.lock_emptiest(&lists) else {
-                    break;
-                };
-                let moved = self.migrate(class, &mut lists, src);
-                let z = self.zspage(src);
-                let empty = z.inuse.load(Relaxed) == 0;
-                if empty {
-                    self.unlink(&mut lists, src);
-                    class
-                        .objs_allocated
-                        .fetch_sub(class.spec.objs_per_zspage, Relaxed);
-                } else {
-                    self.regroup(class, &mut lists, src);
-                }
-                z.write_unlock();
-                if !empty && moved == 0 {
-                    break; // no destination with room: nothing more to gain
-                }
-                empty.then_some(src)
-            };
-            if let Some(src) = emptied {
-                self.release_zspage(src, class.spec.pages_per_zspage);
-                freed += class.spec.pages_per_zspage;
-            }
-        }
-        self.pages_compacted.fetch_add(freed as u64, Relaxed);
-        freed
-    }
-
-    /// The emptiest partly used zspage that nobody is reading, write-locked. Class lock held.
-    fn lock_emptiest(&self, lists: &Lists) -> Option<u32> {
-        for g in 1..GROUP_FULL as usize {
-            let mut id = lists.heads[g];
-            while id != NONE {
-                let z = self.zspage(id);
-                if z.try_write_lock() {
-                    return Some(id);
-                }
-                id = z.next.load(Relaxed);
-            }
-        }
-        None
-    }
-
-    /// Moves objects out of write-locked `src` into the fullest other zspages while they are
-    /// at least as full as `src`. Class lock held. Returns the objects moved.
-    fn migrate(&self, class: &Class, lists: &mut Lists, src: u32) -> usize {
-        let zs = self.zspage(src);
-        let mut buf = [0u8; PAGE_SIZE];
-        let mut moved = 0;
-        let bump = zs.bump.load(Relaxed) as usize;
-        for idx in 0..bump {
-            if zs.inuse.load(Relaxed) == 0 {
-                break;
-            }
-            let header = self.read_header(class, zs, idx);
-            if header & OBJ_ALLOCATED == 0 {
-                continue;
-            }
-            let Some(dst) = self.fullest_with_room(lists, Some(src)) else {
-                break;
-            };
-            let zd = self.zspage(dst);
-            if zd.group.load(Relaxed) < zs.group.load(Relaxed) {
-                break; // moving into an emptier zspage gains nothing
-            }
-            let h = Handle::from_raw(header & !OBJ_ALLOCATED).expect("object header");
-            let len = entry::len(self.entry(h).load(Acquire));
-            let didx = self.take_slot(class, dst);
-            self.regroup(class, lists, dst);
-            let slot = class.spec.header() + len;
-            self.copy_out(zs, idx * class.spec.size, &mut buf[..slot]);
-            self.copy_in(zd, didx * class.spec.size, &buf[..slot]);
-            // Only the location changes: reader and writer pins may come and go meanwhile.
-            self.entry(h)
-                .fetch_update(Release, Relaxed, |e| {
-                    Some(e & !entry::LOC_MASK | entry::loc(dst, didx))
-                })
-                .expect("update always succeeds");
-            // The source slot goes back to src's free list; src is freed whole by the caller.
-            self.write_header(class, zs, idx, zs.free_head.load(Relaxed) as u32);
-            zs.free_head.store(idx as u16, Relaxed);
-            zs.inuse.fetch_sub(1, Relaxed);
-            class.objs_used.fetch_sub(1, Relaxed);
-            moved += 1;
-        }
-        moved
     }
 
     // ---- limits and statistics ---------------------------------------------------------
