@@ -24,10 +24,11 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// The page size of the store; discard and write-zeroes work in whole pages of it.
-pub const PAGE_SIZE: u64 = 4096;
-/// virtio-blk addresses the disk in 512-byte sectors whatever its block size.
-pub const SECTOR_SIZE: u64 = 512;
+/// The page size of the store (zram's, in the `u64` of request offsets); discard and
+/// write-zeroes work in whole pages of it.
+pub const PAGE_SIZE: u64 = zram::PAGE_SIZE as u64;
+/// virtio-blk addresses the disk in 512-byte sectors whatever its block size: zram's sector.
+pub use zram::SECTOR_SIZE;
 const SECTORS_PER_PAGE: u64 = PAGE_SIZE / SECTOR_SIZE;
 const HEADER_LEN: u64 = 16;
 const DISCARD_SEGMENT_LEN: u64 = 16;

@@ -103,7 +103,7 @@ pub struct ServeArgs {
 
     /// Microseconds a queue worker keeps watching its ring for the guest's next request
     /// after a batch before it sleeps (saves a kick and a wake-up per batch; 0 = never).
-    #[arg(long, value_name = "US", default_value_t = 32)]
+    #[arg(long, value_name = "US", default_value_t = crate::daemon::DEFAULT_POLL.as_micros() as u64)]
     pub poll_us: u64,
 
     /// Run background compaction when this many pool pages could be freed by it (0 = never).

@@ -453,11 +453,6 @@ impl fmt::Display for Report {
     }
 }
 
-/// Human-readable report (the same as `Display`).
-pub fn format_report(report: &Report) -> String {
-    report.to_string()
-}
-
 /// Runs the jobs of `opts` against its socket.
 pub fn run(opts: &LoadOptions) -> Result<Report> {
     if opts.jobs.is_empty() {
