@@ -3,7 +3,6 @@
 //! The store (`zram`) outlives vhost-user connections; this crate adds virtio-blk request
 //! handling, the vhost-user backend, the daemon lifecycle, and the control plane.
 
-pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod client;

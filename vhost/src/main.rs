@@ -3,7 +3,6 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use vzram::bench::BenchArgs;
 use vzram::cli::ServeArgs;
 use vzram::client::ClientCommand;
 use vzram::control::{self, Server, ServerConfig};
@@ -29,9 +28,6 @@ struct Cli {
 enum Command {
     /// Serve one or more devices until SIGTERM or SIGINT.
     Serve(Box<ServeArgs>),
-    /// Load a vhost-user-blk disk like fio, with no VM: a vzram device started here (default),
-    /// any socket (--socket), or the store alone (--store-only).
-    Bench(Box<BenchArgs>),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -50,7 +46,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => serve(&args),
-        Command::Bench(args) => bench(&args),
         Command::Client(cmd) => match vzram::client::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -58,35 +53,6 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-    }
-}
-
-fn bench(args: &BenchArgs) -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match vzram::bench::run(args) {
-        Ok(report) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serialisable")
-                );
-            } else {
-                print!("{report}");
-            }
-            if report.problems() == 0 {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!(
-                    "vzram: {} requests failed or read back wrong",
-                    report.problems()
-                );
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("vzram: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
 

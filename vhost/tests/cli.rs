@@ -40,6 +40,8 @@ fn bad_arguments_are_one_line_and_status_2() {
         ),
         ("mem-limit lots", "lots"),
         ("frobnicate", "frobnicate"),
+        // The load generator is a program of its own (vzram-bench).
+        ("bench --store-only", "bench"),
     ] {
         let args: Vec<&str> = args.split_whitespace().collect();
         let (code, _, err) = run(&args);
@@ -388,52 +390,5 @@ fn a_backing_file_that_holds_data_needs_the_overwrite_flag() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("give each its own backing-file=PATH"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
-fn bench_ends_with_an_error_when_the_daemon_dies() {
-    let dir = tempdir("bench");
-    let socket = dir.join("vz0.sock");
-    let daemon = Daemon::start(&["--socket", s(&socket), "--size", "64M"], &[&socket]);
-    let mut bench = Command::new(BIN)
-        .args([
-            "bench",
-            "--socket",
-            s(&socket),
-            "--verify",
-            "off",
-            "--job",
-            "rw=randwrite,numjobs=2,iodepth=8,span=32m,runtime=60s",
-            "--job",
-            "rw=randread,numjobs=2,iodepth=8,span=32m,runtime=60s",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(bench.try_wait().unwrap().is_none(), "bench ended early");
-    drop(daemon); // SIGKILL mid-run
-    let killed = Instant::now();
-    let status = loop {
-        if let Some(status) = bench.try_wait().unwrap() {
-            break status;
-        }
-        if killed.elapsed() > Duration::from_secs(10) {
-            kill(bench.id(), libc::SIGKILL);
-            let _ = bench.wait();
-            panic!("bench still running 10 s after the daemon died");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut bench.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "{err}");
-    assert!(
-        err.contains("vzram: ") && err.to_lowercase().contains("disconnect"),
-        "{err}"
-    );
     let _ = std::fs::remove_dir_all(&dir);
 }

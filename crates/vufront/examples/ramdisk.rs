@@ -1,4 +1,4 @@
-//! An uncompressed in-memory vhost-user-blk backend: the baseline for `vzram bench`.
+//! An uncompressed in-memory vhost-user-blk backend: the baseline for `vzram-bench`.
 //!
 //! ```text
 //! cargo run --release -p vufront --example ramdisk -- --socket /tmp/rd.sock \

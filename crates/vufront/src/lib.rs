@@ -16,7 +16,7 @@
 //!   any head index; the high-level half ([`Request`], [`Completion`]) issues real virtio-blk
 //!   requests with a chosen descriptor layout, synchronously or with many in flight.
 //! - [`load`]: a fio-like load generator with verification of every read, used by
-//!   `vzram bench` (which runs it against any vhost-user-blk socket).
+//!   `vzram-bench` (which runs it against any vhost-user-blk socket).
 //! - `ramdisk` (feature `ramdisk`, on by default): a small in-memory vhost-user-blk backend, the
 //!   test fixture of this crate and an uncompressed baseline for benchmarks.
 //!

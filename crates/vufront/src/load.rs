@@ -1,7 +1,9 @@
 //! A fio-like load generator for vhost-user-blk backends.
 //!
 //! A run connects once, sets up as many queues as its largest job needs, and runs its jobs one
-//! after another (like fio's `stonewall`). A job drives `numjobs` queues, one thread each,
+//! after another (like fio's `stonewall`). The same job loop drives any other [`Target`] (for
+//! instance a store called without vhost-user, see [`run_on`]), so that figures from different
+//! targets are measured the same way. A job drives `numjobs` queues, one thread each,
 //! keeping `iodepth` requests in flight per queue. Every page written holds
 //! [`pagemix::fill_page`]`(mix, seed, page index)` — swap-like content that depends only on the
 //! seed and the page's absolute index on the device — so every read can be checked against
@@ -14,7 +16,10 @@
 //! backend's work, the call and the wake-up. Percentiles come from a log-linear histogram
 //! (64 sub-buckets per power of two: within 1.6%).
 
-use crate::{Device, Error, Layout, Options, Queue, Request, Result, Split, feature_names};
+use crate::{
+    Completion, Device, Error, Layout, Options, Queue, QueueCounters, Request, Result, Split,
+    feature_names,
+};
 use pagemix::{Mix, PAGE_SIZE, SplitMix64, fill_page};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -453,8 +458,110 @@ impl fmt::Display for Report {
     }
 }
 
-/// Runs the jobs of `opts` against its socket.
-pub fn run(opts: &LoadOptions) -> Result<Report> {
+/// Where a run's requests go: a vhost-user-blk device ([`run`]), or anything else that serves
+/// virtio-blk reads and writes, such as a store called directly ([`run_on`]). Every target is
+/// driven by the same job loop, so their figures are measured the same way.
+pub trait Target {
+    /// One queue, driven by one thread of a job.
+    type Queue: TargetQueue + Send;
+    /// What the report calls the target (a socket path, ...).
+    fn name(&self) -> String;
+    /// Capacity in bytes.
+    fn capacity(&self) -> u64;
+    /// The largest data piece the device takes in one descriptor (0: no limit).
+    fn size_max(&self) -> u32 {
+        0
+    }
+    /// Queues the device offers.
+    fn queues_offered(&self) -> u64;
+    /// Features negotiated, by name.
+    fn features(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+    /// Requests a queue can have in flight: each job's `iodepth` is capped to it (the report
+    /// gives the depth used).
+    fn max_iodepth(&self) -> u16 {
+        u16::MAX
+    }
+    /// The queues; a job with `numjobs = n` uses the first `n`.
+    fn queues(&mut self) -> &mut [Self::Queue];
+}
+
+/// One queue of a [`Target`]: submit requests, learn when they complete.
+pub trait TargetQueue {
+    /// Submits `req` (it may be served at once) and returns its tag.
+    fn enqueue(&mut self, req: &Request) -> Result<u64>;
+    /// Tells the device about what was enqueued since the last call.
+    fn notify(&mut self) -> Result<()>;
+    /// Waits up to `timeout` for completions; returns at least one, or fails. Each one's
+    /// latency runs from its enqueue to this reap.
+    fn complete(&mut self, timeout: Duration) -> Result<Vec<Completion>>;
+    /// Notification counters (zero for targets without notifications).
+    fn counters(&self) -> QueueCounters {
+        QueueCounters::default()
+    }
+    /// The queue's index, for log messages.
+    fn index(&self) -> u16;
+}
+
+impl TargetQueue for Queue {
+    fn enqueue(&mut self, req: &Request) -> Result<u64> {
+        Queue::enqueue(self, req)
+    }
+
+    fn notify(&mut self) -> Result<()> {
+        Queue::notify(self).map(drop)
+    }
+
+    fn complete(&mut self, timeout: Duration) -> Result<Vec<Completion>> {
+        Queue::complete(self, timeout)
+    }
+
+    fn counters(&self) -> QueueCounters {
+        Queue::counters(self)
+    }
+
+    fn index(&self) -> u16 {
+        Queue::index(self)
+    }
+}
+
+/// A connected vhost-user-blk device and its queues (dropped before the device).
+struct VhostUser {
+    socket: PathBuf,
+    queues: Vec<Queue>,
+    dev: Device,
+}
+
+impl Target for VhostUser {
+    type Queue = Queue;
+
+    fn name(&self) -> String {
+        self.socket.display().to_string()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.dev.capacity()
+    }
+
+    fn size_max(&self) -> u32 {
+        self.dev.config().size_max
+    }
+
+    fn queues_offered(&self) -> u64 {
+        self.dev.max_queues()
+    }
+
+    fn features(&self) -> Vec<&'static str> {
+        feature_names(self.dev.features())
+    }
+
+    fn queues(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+}
+
+fn validate(opts: &LoadOptions) -> Result<()> {
     if opts.jobs.is_empty() {
         return Err(Error::Invalid("no jobs".into()));
     }
@@ -481,14 +588,23 @@ pub fn run(opts: &LoadOptions) -> Result<Report> {
             )));
         }
     }
-    let queues = opts.jobs.iter().map(|j| j.numjobs).max().unwrap_or(1);
-    // Descriptors per request: header, status, data pieces (indirect: one).
-    let descs = |j: &Job| match (&j.layout.split, j.layout.indirect) {
+    Ok(())
+}
+
+/// Descriptors per request: header, status, data pieces (indirect: one).
+fn descs(j: &Job) -> usize {
+    match (&j.layout.split, j.layout.indirect) {
         (_, true) => 1,
         (Split::One, false) => 3,
         (Split::Even(n), false) => 2 + n.max(&1),
         (Split::Sizes(s), false) => 2 + s.len().max(1),
-    };
+    }
+}
+
+/// Runs the jobs of `opts` against its socket.
+pub fn run(opts: &LoadOptions) -> Result<Report> {
+    validate(opts)?;
+    let queues = max_numjobs(opts);
     let queue_size = if opts.queue_size != 0 {
         opts.queue_size
     } else {
@@ -519,9 +635,36 @@ pub fn run(opts: &LoadOptions) -> Result<Report> {
         ..Options::default()
     };
     let mut dev = Device::connect(&opts.socket, &dev_opts)?;
-    let capacity = dev.capacity();
-    let size_max = dev.config().size_max;
-    let mut qs = dev.take_queues();
+    let queues = dev.take_queues();
+    run_on(
+        &mut VhostUser {
+            socket: opts.socket.clone(),
+            dev,
+            queues,
+        },
+        opts,
+    )
+}
+
+/// The queues a run needs: as many as its largest job's `numjobs`.
+pub fn max_numjobs(opts: &LoadOptions) -> u16 {
+    opts.jobs.iter().map(|j| j.numjobs).max().unwrap_or(1)
+}
+
+/// Runs the jobs of `opts` against `target` (`opts.socket`, the ring and connection settings
+/// are not used). The target needs [`max_numjobs`] queues.
+pub fn run_on<T: Target>(target: &mut T, opts: &LoadOptions) -> Result<Report> {
+    validate(opts)?;
+    let capacity = target.capacity();
+    let size_max = target.size_max();
+    let max_iodepth = target.max_iodepth().max(1);
+    if target.queues().len() < usize::from(max_numjobs(opts)) {
+        return Err(Error::Invalid(format!(
+            "{} queues for jobs with numjobs={}",
+            target.queues().len(),
+            max_numjobs(opts)
+        )));
+    }
     let written = Arc::new(Written::new(capacity / PAGE_SIZE as u64));
 
     // Every page any job may touch: [lo, hi) in pages.
@@ -554,6 +697,7 @@ pub fn run(opts: &LoadOptions) -> Result<Report> {
             )));
         }
         let mut job = job.clone();
+        job.iodepth = job.iodepth.min(max_iodepth);
         if job.layout.split == Split::One && size_max > 0 && job.bs > size_max {
             let pieces = job.bs.div_ceil(size_max);
             job.layout.split = Split::Sizes(
@@ -562,7 +706,8 @@ pub fn run(opts: &LoadOptions) -> Result<Report> {
                     .collect(),
             );
         }
-        let before: Vec<_> = qs.iter().map(Queue::counters).collect();
+        let qs = target.queues();
+        let before: Vec<_> = qs.iter().map(TargetQueue::counters).collect();
         let ctx = Ctx {
             job: &job,
             job_index: job_index as u64,
@@ -588,14 +733,14 @@ pub fn run(opts: &LoadOptions) -> Result<Report> {
                 .collect()
         });
         let workers = results.into_iter().collect::<Result<Vec<_>>>()?;
-        let after: Vec<_> = qs.iter().map(Queue::counters).collect();
+        let after: Vec<_> = qs.iter().map(TargetQueue::counters).collect();
         reports.push(job_report(&job, span, &workers, &before, &after));
     }
     Ok(Report {
-        socket: opts.socket.display().to_string(),
+        socket: target.name(),
         capacity_bytes: capacity,
-        queues_offered: dev.max_queues(),
-        features: feature_names(dev.features()),
+        queues_offered: target.queues_offered(),
+        features: target.features(),
         mix: opts.mix.to_string(),
         seed: opts.seed,
         verify: opts.verify,
@@ -697,7 +842,7 @@ struct Pending {
     check: Vec<bool>,
 }
 
-fn run_thread(ctx: &Ctx, q: &mut Queue, t: u64, barrier: &Barrier) -> Result<Worker> {
+fn run_thread<Q: TargetQueue>(ctx: &Ctx, q: &mut Q, t: u64, barrier: &Barrier) -> Result<Worker> {
     let job = ctx.job;
     let n = u64::from(job.numjobs);
     let bs = u64::from(job.bs);

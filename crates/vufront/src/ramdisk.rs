@@ -1,7 +1,7 @@
 //! A small in-memory vhost-user-blk backend (feature `ramdisk`).
 //!
 //! It is the test fixture of this crate and, as the `ramdisk` example, an uncompressed
-//! baseline for `vzram bench`: one worker thread per queue like vzram, but a plain memcpy
+//! baseline for `vzram-bench`: one worker thread per queue like vzram, but a plain memcpy
 //! where vzram compresses. It is built on rust-vmm's vhost-user-backend, which trusts the
 //! frontend more than vzram's own message handler does; that is fine for a test fixture.
 //!

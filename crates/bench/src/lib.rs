@@ -1,17 +1,22 @@
-//! `vzram bench`: fio-like load with no VM. Against any vhost-user-blk socket (vzram,
+//! `vzram-bench`: fio-like load with no VM. Against any vhost-user-blk socket (vzram,
 //! qemu-storage-daemon, ...), against a vzram device started in this process, or against the
 //! store alone (the same jobs without vhost-user: what the protocol and rings cost).
+//!
+//! It is a program of its own so that the daemon carries no frontend, load generator or test
+//! backend. Every mode runs the jobs through the same loop ([`vufront::load::run_on`]); the
+//! store-only mode plugs the store in as a [`vufront::load::Target`] ([`StoreTarget`]).
 
-use crate::blk::{BlkGeometry, PAGE_SIZE};
-use crate::daemon::DeviceServer;
-use crate::served::Served;
 use clap::Args;
-use pagemix::{Mix, SplitMix64};
+use pagemix::Mix;
 use serde::Serialize;
 use std::path::PathBuf;
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vufront::load::{self, Content, Histogram, Job, JobReport, LoadOptions, Rw, Verify};
+use vufront::load::{self, Job, JobReport, LoadOptions, Target, TargetQueue, Verify};
+use vufront::{BLK_S_IOERR, BLK_S_OK, BLK_T_IN, BLK_T_OUT, Completion, Request};
+use vzram::blk::{BlkGeometry, PAGE_SIZE};
+use vzram::daemon::DeviceServer;
+use vzram::served::Served;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -118,14 +123,18 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     }
     let device = in_process_device(args)?;
     if args.store_only {
-        let content = Content::build(&mix, args.seed, 0, content_pages(&jobs, device.pages()));
-        let jobs = jobs
-            .iter()
-            .map(|j| store_job(&device, j, &content))
-            .collect::<Result<Vec<_>, _>>()?;
+        if jobs.iter().any(|j| u64::from(j.bs) != PAGE_SIZE) {
+            return Err(BenchError::Setup(
+                "--store-only runs bs=4k jobs only".into(),
+            ));
+        }
+        // One thread per queue, iodepth 1 (a thread waits for each page it stores).
+        let opts = load_options(PathBuf::new(), jobs, mix, args);
+        let mut target = StoreTarget::new(device.clone(), load::max_numjobs(&opts));
+        let report = load::run_on(&mut target, &opts)?;
         return Ok(BenchReport {
             target: format!("store ({})", args.comp),
-            jobs,
+            jobs: report.jobs,
             mm_stat: Some(device.stats().mm_stat),
         });
     }
@@ -187,134 +196,6 @@ fn in_process_device(args: &BenchArgs) -> Result<Arc<zram::Device>, BenchError> 
     ))
 }
 
-/// Pages `0..n` cover every job's span.
-fn content_pages(jobs: &[Job], pages: u64) -> u64 {
-    jobs.iter()
-        .map(|j| {
-            let end = j.span.map_or(u64::MAX, |s| j.offset.saturating_add(s));
-            (end / PAGE_SIZE).min(pages)
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-/// One job straight on the store: each thread serves its slice of the span one page at a
-/// time, as a worker thread does, with the same page content and verification.
-fn store_job(
-    device: &Arc<zram::Device>,
-    job: &Job,
-    content: &Content,
-) -> Result<JobReport, BenchError> {
-    if job.bs as u64 != PAGE_SIZE {
-        return Err(BenchError::Setup(
-            "--store-only runs bs=4k jobs only".into(),
-        ));
-    }
-    let pages = device.pages().saturating_sub(job.offset / PAGE_SIZE);
-    let span = job.span.map_or(pages, |s| (s / PAGE_SIZE).min(pages));
-    let threads = u64::from(job.numjobs.max(1));
-    if span < threads {
-        return Err(BenchError::Setup(
-            "the span is smaller than the number of threads".into(),
-        ));
-    }
-    let first = job.offset / PAGE_SIZE;
-    let barrier = Barrier::new(threads as usize);
-    let results: Vec<(Histogram, u64, u64, Instant, Instant)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (barrier, device) = (&barrier, device.clone());
-                let content = &content;
-                s.spawn(move || {
-                    let lo = first + span * t / threads;
-                    let hi = first + span * (t + 1) / threads;
-                    let mut stream = device.new_stream();
-                    let mut rng = SplitMix64::new((t + 1).wrapping_mul(0x9E37_79B9));
-                    let mut page = [0u8; PAGE_SIZE as usize];
-                    let mut hist = Histogram::new();
-                    let (mut ops, mut bad) = (0u64, 0u64);
-                    let per_thread_ops = job.ops.map(|o| o.div_ceil(threads));
-                    let one_pass = job.runtime.is_none() && job.ops.is_none();
-                    barrier.wait();
-                    let start = Instant::now();
-                    let deadline = job.runtime.map(|r| start + r);
-                    let random = matches!(job.rw, Rw::RandRead | Rw::RandWrite);
-                    let write = matches!(job.rw, Rw::RandWrite | Rw::Write);
-                    loop {
-                        if one_pass && ops == hi - lo
-                            || per_thread_ops.is_some_and(|n| ops >= n)
-                            || deadline.is_some_and(|d| ops % 64 == 0 && Instant::now() >= d)
-                        {
-                            break;
-                        }
-                        let index = if random {
-                            lo + rng.next_u64() % (hi - lo)
-                        } else {
-                            lo + ops % (hi - lo)
-                        };
-                        let want: &[u8; PAGE_SIZE as usize] = content
-                            .page(index)
-                            .expect("content covers the span")
-                            .try_into()
-                            .expect("a page");
-                        let t0 = Instant::now();
-                        if write {
-                            let ok = device.write_page(index, want, &mut stream).is_ok();
-                            bad += u64::from(!ok);
-                        } else {
-                            let ok = device.read_page(index, &mut page, &mut stream).is_ok();
-                            bad += u64::from(!ok || page != *want);
-                        }
-                        hist.record(t0.elapsed());
-                        ops += 1;
-                    }
-                    (hist, ops, bad, start, Instant::now())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread panicked"))
-            .collect()
-    });
-    let mut hist = Histogram::new();
-    let (mut ops, mut bad) = (0, 0);
-    let start = results.iter().map(|r| r.3).min().unwrap();
-    let end = results.iter().map(|r| r.4).max().unwrap();
-    let mut per_queue_ops = Vec::new();
-    for (h, o, b, _, _) in &results {
-        hist.merge(h);
-        ops += o;
-        bad += b;
-        per_queue_ops.push(*o);
-    }
-    let seconds = end.duration_since(start).as_secs_f64().max(1e-9);
-    let read = matches!(job.rw, Rw::RandRead | Rw::Read);
-    Ok(JobReport {
-        name: job.name.clone().unwrap_or_else(|| job.rw.to_string()),
-        rw: job.rw,
-        bs: job.bs,
-        iodepth: 1,
-        numjobs: job.numjobs,
-        span_bytes: span * PAGE_SIZE,
-        ops,
-        bytes: ops * PAGE_SIZE,
-        seconds,
-        iops: ops as f64 / seconds,
-        mib_per_s: (ops * PAGE_SIZE) as f64 / seconds / f64::from(1 << 20),
-        lat_us: hist.summary(),
-        errors: if read { 0 } else { bad },
-        bad_used_len: 0,
-        verify_failures: if read { bad } else { 0 },
-        verified_pages: if read { ops - bad } else { 0 },
-        unverified_pages: 0,
-        per_queue_ops,
-        kicks: 0,
-        suppressed_kicks: 0,
-        sleeps: 0,
-    })
-}
-
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "{}", self.target)?;
@@ -353,5 +234,157 @@ impl BenchReport {
             .iter()
             .map(|j| j.errors + j.verify_failures + j.bad_used_len)
             .sum()
+    }
+}
+
+/// The store as a [`Target`]: each queue serves a request on the calling thread when it is
+/// enqueued, one page at a time with a compression stream of its own (as a worker thread of the
+/// daemon does), so a queue has one request in flight.
+#[derive(Debug)]
+pub struct StoreTarget {
+    device: Arc<zram::Device>,
+    queues: Vec<StoreQueue>,
+}
+
+impl StoreTarget {
+    /// `queues` queues over `device`.
+    pub fn new(device: Arc<zram::Device>, queues: u16) -> StoreTarget {
+        let queues = (0..queues)
+            .map(|index| StoreQueue {
+                index,
+                stream: device.new_stream(),
+                device: device.clone(),
+                next_tag: 0,
+                done: Vec::new(),
+            })
+            .collect();
+        StoreTarget { device, queues }
+    }
+}
+
+impl Target for StoreTarget {
+    type Queue = StoreQueue;
+
+    fn name(&self) -> String {
+        "store".into()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.device.pages() * PAGE_SIZE
+    }
+
+    fn queues_offered(&self) -> u64 {
+        self.queues.len() as u64
+    }
+
+    fn max_iodepth(&self) -> u16 {
+        1
+    }
+
+    fn queues(&mut self) -> &mut [StoreQueue] {
+        &mut self.queues
+    }
+}
+
+/// One queue of a [`StoreTarget`].
+pub struct StoreQueue {
+    index: u16,
+    device: Arc<zram::Device>,
+    stream: zcomp::Stream,
+    next_tag: u64,
+    // Served, not yet reaped; (completion, its enqueue time).
+    done: Vec<(Completion, Instant)>,
+}
+
+impl std::fmt::Debug for StoreQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreQueue")
+            .field("index", &self.index)
+            .field("next_tag", &self.next_tag)
+            .field("done", &self.done.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreQueue {
+    /// Serves a read or write of whole pages: the status and the data read.
+    fn serve(&mut self, req: &Request) -> vufront::Result<(u8, Vec<u8>)> {
+        let sectors_per_page = PAGE_SIZE / vufront::SECTOR_SIZE;
+        let aligned = |len: u64| req.sector % sectors_per_page == 0 && len % PAGE_SIZE == 0;
+        let first = req.sector / sectors_per_page;
+        let mut ok = true;
+        match req.req_type {
+            BLK_T_OUT if aligned(req.out.len() as u64) => {
+                for (i, src) in req.out.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    let src = src.try_into().expect("a page");
+                    ok &= self
+                        .device
+                        .write_page(first + i as u64, src, &mut self.stream)
+                        .is_ok();
+                }
+                Ok((if ok { BLK_S_OK } else { BLK_S_IOERR }, Vec::new()))
+            }
+            BLK_T_IN if aligned(u64::from(req.in_len)) => {
+                let mut data = vec![0u8; req.in_len as usize];
+                for (i, dst) in data.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
+                    let dst = dst.try_into().expect("a page");
+                    ok &= self
+                        .device
+                        .read_page(first + i as u64, dst, &mut self.stream)
+                        .is_ok();
+                }
+                Ok((if ok { BLK_S_OK } else { BLK_S_IOERR }, data))
+            }
+            t => Err(vufront::Error::Invalid(format!(
+                "the store serves reads and writes of whole pages, not type {t} at sector {}",
+                req.sector
+            ))),
+        }
+    }
+}
+
+impl TargetQueue for StoreQueue {
+    fn enqueue(&mut self, req: &Request) -> vufront::Result<u64> {
+        let submitted = Instant::now();
+        let (status, data) = self.serve(req)?;
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        // What a virtio-blk device reports: the data written to the driver plus the status.
+        let used_len = data.len() as u32 + 1;
+        let completion = Completion {
+            tag,
+            head: 0,
+            status,
+            used_len,
+            data,
+            latency: Duration::ZERO,
+        };
+        self.done.push((completion, submitted));
+        Ok(tag)
+    }
+
+    fn notify(&mut self) -> vufront::Result<()> {
+        Ok(())
+    }
+
+    fn complete(&mut self, _timeout: Duration) -> vufront::Result<Vec<Completion>> {
+        if self.done.is_empty() {
+            return Err(vufront::Error::Invalid(
+                "waiting on a store queue with nothing in flight".into(),
+            ));
+        }
+        let now = Instant::now();
+        Ok(self
+            .done
+            .drain(..)
+            .map(|(mut c, submitted)| {
+                c.latency = now - submitted;
+                c
+            })
+            .collect())
+    }
+
+    fn index(&self) -> u16 {
+        self.index
     }
 }

@@ -1,7 +1,7 @@
-//! `vzram bench` end to end, small: the numbers are for benchmarks, but the runs must verify.
+//! `vzram-bench` end to end, small: the numbers are for benchmarks, but the runs must verify.
 
 use clap::Parser;
-use vzram::bench::{BenchArgs, run};
+use vzram_bench::{BenchArgs, run};
 
 #[derive(Parser)]
 struct Cli {
@@ -10,7 +10,7 @@ struct Cli {
 }
 
 fn args(extra: &[&str]) -> BenchArgs {
-    let mut argv = vec!["bench", "--size", "16M"];
+    let mut argv = vec!["vzram-bench", "--size", "16M"];
     argv.extend_from_slice(extra);
     Cli::parse_from(argv).bench
 }
@@ -54,4 +54,29 @@ fn store_only_run_verifies_every_read() {
     assert_eq!(report.problems(), 0);
     assert_eq!(report.jobs[0].ops, 1024, "one pass over 4 MiB");
     assert_eq!(report.jobs[2].verified_pages, 2000);
+}
+
+#[test]
+fn store_only_reads_are_checked_against_the_generated_content() {
+    // Nothing was written: under --verify all, reads of pages whose content is not all zeros
+    // fail; under the default (written) none is checked.
+    let job = ["--job", "rw=randread,iodepth=32,span=4m,ops=200"];
+    let mut a = vec!["--store-only", "--verify", "all"];
+    a.extend_from_slice(&job);
+    let report = run(&args(&a)).unwrap();
+    let read = &report.jobs[0];
+    assert_eq!(read.iodepth, 1, "the store serves one page at a time");
+    assert_eq!(read.verified_pages + read.verify_failures, 200);
+    assert!(read.verify_failures > 100, "{read:?}");
+    let mut a = vec!["--store-only"];
+    a.extend_from_slice(&job);
+    let report = run(&args(&a)).unwrap();
+    assert_eq!(report.problems(), 0);
+    assert_eq!(report.jobs[0].unverified_pages, 200);
+}
+
+#[test]
+fn store_only_refuses_blocks_other_than_4k() {
+    let err = run(&args(&["--store-only", "--job", "rw=write,bs=8k,span=4m"])).unwrap_err();
+    assert_eq!(err.to_string(), "--store-only runs bs=4k jobs only");
 }
