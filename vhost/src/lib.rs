@@ -12,6 +12,7 @@ pub mod counters;
 pub mod daemon;
 pub mod fault;
 pub mod ratelimit;
+pub mod request;
 pub mod served;
 pub mod sockets;
 pub mod table;

@@ -56,8 +56,10 @@
 //!
 //! # Results are exact pages
 //!
-//! Decompression writes into a caller's one-page destination (a stack buffer, or guest memory
-//! through [`Codec::decompress_raw`]). Anything that does not decompress to exactly 4096 bytes,
+//! Decompression writes into a caller's one-page destination, a Rust array. Pages that live in
+//! memory another party may write meanwhile (guest memory) are copied into or out of such an
+//! array by the caller: a `&[u8]` or `&mut [u8]` over memory that changes under it would be
+//! unsound, and neither lz4_flex nor the zstd crate's bulk API takes a raw pointer. Anything that does not decompress to exactly 4096 bytes,
 //! less or more, is an [`Error`], as is corrupt input; no input makes it panic or touch memory
 //! outside the destination (lz4_flex's block decoder checks every literal, match offset and
 //! length against both buffers, also in its fast non-`safe` build; zstd checks its input).

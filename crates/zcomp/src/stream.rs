@@ -105,22 +105,6 @@ impl Codec {
         Ok(&self.buffer[..len])
     }
 
-    /// Compresses the page at `src` with the algorithm of priority `p`, for pages that live in
-    /// guest memory rather than in a Rust array; see [`Codec::compress_with`].
-    ///
-    /// # Safety
-    ///
-    /// `src` must be valid for reads of `PAGE_SIZE` bytes for the whole call, and nothing may
-    /// write those bytes through a Rust reference during it. (A guest writing the page
-    /// meanwhile only garbles the result: the compressor reads each byte once or compares
-    /// bytes, and the result is never trusted beyond the decompressor's checks.)
-    pub unsafe fn compress_raw(&mut self, p: Priority, src: *const u8) -> Result<&[u8], Error> {
-        // SAFETY: the caller guarantees `src` is readable for PAGE_SIZE bytes for the whole
-        // call and not mutated through Rust references; `[u8; PAGE_SIZE]` has alignment 1.
-        let src = unsafe { &*src.cast::<[u8; PAGE_SIZE]>() };
-        self.compress_with(p, src)
-    }
-
     /// Decompresses data made by the primary algorithm.
     pub fn decompress(&mut self, src: &[u8], dst: &mut [u8; PAGE_SIZE]) -> Result<(), Error> {
         self.decompress_with(Priority::PRIMARY, src, dst)
@@ -141,26 +125,5 @@ impl Codec {
     ) -> Result<(), Error> {
         preempt::might_sleep();
         self.context(p)?.decompress(src, dst)
-    }
-
-    /// Decompresses `src` (made by priority `p`) straight into the page at `dst`, for guest
-    /// memory; see [`Codec::decompress_with`].
-    ///
-    /// # Safety
-    ///
-    /// `dst` must be valid for reads and writes of `PAGE_SIZE` bytes for the whole call, must
-    /// not overlap `src`, and no Rust reference may access those bytes during the call. The
-    /// decompressor reads back what it wrote (LZ matches), so if another party (a guest) writes
-    /// the page meanwhile, the page's content is garbage, but no memory outside it is touched.
-    pub unsafe fn decompress_raw(
-        &mut self,
-        p: Priority,
-        src: &[u8],
-        dst: *mut u8,
-    ) -> Result<(), Error> {
-        // SAFETY: the caller guarantees `dst` is valid and exclusively ours for PAGE_SIZE bytes
-        // for the whole call and does not overlap `src`; `[u8; PAGE_SIZE]` has alignment 1.
-        let dst = unsafe { &mut *dst.cast::<[u8; PAGE_SIZE]>() };
-        self.decompress_with(p, src, dst)
     }
 }

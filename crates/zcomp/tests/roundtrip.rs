@@ -372,32 +372,6 @@ fn dictionary_errors() {
 }
 
 #[test]
-fn raw_pointer_entry_points() {
-    let mut s = stream("zstd:1");
-    // Stands in for guest memory: a page inside a larger region with guard bytes around it.
-    let mut region = vec![0xeeu8; 3 * PAGE_SIZE];
-    let src = page(PageKind::Heap, 8);
-    region[PAGE_SIZE..2 * PAGE_SIZE].copy_from_slice(&src[..]);
-    // SAFETY: the pointer is to PAGE_SIZE readable bytes of `region`, not written meanwhile.
-    let c = unsafe {
-        s.codec
-            .compress_raw(Priority::PRIMARY, region.as_ptr().add(PAGE_SIZE))
-    }
-    .unwrap()
-    .to_vec();
-    region[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
-    // SAFETY: as above, and nothing else accesses `region` during the call.
-    unsafe {
-        s.codec
-            .decompress_raw(Priority::PRIMARY, &c, region.as_mut_ptr().add(PAGE_SIZE))
-    }
-    .unwrap();
-    assert!(region[PAGE_SIZE..2 * PAGE_SIZE] == src[..]);
-    assert!(region[..PAGE_SIZE].iter().all(|&b| b == 0xee));
-    assert!(region[2 * PAGE_SIZE..].iter().all(|&b| b == 0xee));
-}
-
-#[test]
 fn local_copy_and_codec_borrow_together() {
     // What a zram read does: a zsmalloc guard borrows local_copy while the codec decompresses.
     fn read_begin<'a>(object: &[u8], local_copy: &'a mut [u8; PAGE_SIZE]) -> &'a [u8] {
