@@ -1,6 +1,6 @@
 //! Serving one device on its vhost-user socket, one connection after another. Each
 //! connection gets its own protocol state, guest memory and queue workers
-//! ([`crate::connection`]); the device and its data stay, so QEMU's `reconnect=` finds the
+//! (`connection.rs`); the device and its data stay, so QEMU's `reconnect=` finds the
 //! same disk again.
 //!
 //! The accept loop never gives up while the daemon runs: an accept error (out of fds, say) is
