@@ -1,10 +1,14 @@
-//! `vzram serve`: arguments, `--device` specs, and building the store and devices from them.
+//! `vzram serve`: arguments, `--device` specs, the configuration resolved from them once
+//! ([`Config`], every default written once, beside its flag), and building the store and
+//! devices from it.
 
 use crate::blk::{BlkGeometry, PAGE_SIZE};
+use crate::control::ServerConfig;
 use crate::served::Served;
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Most queues a device offers: QEMU's default `num-queues` is the VM's vCPU count, so offer
 /// plenty. Worker threads idle on an eventfd until their queue is used; streams are made
@@ -47,12 +51,12 @@ pub struct ServeArgs {
     /// Compression algorithm for every page, as zram's comp_algorithm: lz4, zstd, zstd:LEVEL,
     /// or `algo=zstd level=3 dict=PATH`.
     #[arg(long, value_name = "ALGO", default_value = "lz4", value_parser = parse_algorithm)]
-    pub comp: String,
+    pub comp: zcomp::Params,
 
     /// Secondary algorithm for recompression (`vzram recompress`), as zram's
     /// recomp_algorithm; repeat for up to three, in priority order (1, 2, 3).
     #[arg(long, value_name = "ALGO", value_parser = parse_algorithm)]
-    pub recomp: Vec<String>,
+    pub recomp: Vec<zcomp::Params>,
 
     /// Most host memory the pool may use for all devices together (K/M/G); writes beyond
     /// it fail with an I/O error in the guest. 0 = no limit.
@@ -107,7 +111,8 @@ pub struct ServeArgs {
     pub poll_us: u64,
 
     /// Run background compaction when this many pool pages could be freed by it (0 = never).
-    #[arg(long, value_name = "PAGES", default_value_t = 2048)]
+    #[arg(long, value_name = "PAGES",
+          default_value_t = crate::control::DEFAULT_COMPACT_THRESHOLD_PAGES as u64)]
     pub compact_threshold: u64,
 }
 
@@ -197,10 +202,12 @@ fn parse_serial(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn parse_algorithm(s: &str) -> Result<String, String> {
-    // Build the backend once to reject a bad name, level or dictionary before serving.
-    zcomp::Comp::parse(s, &[]).map_err(|e| e.to_string())?;
-    Ok(s.to_string())
+fn parse_algorithm(s: &str) -> Result<zcomp::Params, String> {
+    // Name, level and options are checked here; the backend (and a dictionary file) is built
+    // once, with the store.
+    let params: zcomp::Params = s.parse().map_err(|e: zcomp::ConfigError| e.to_string())?;
+    params.validate().map_err(|e| e.to_string())?;
+    Ok(params)
 }
 
 fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
@@ -292,44 +299,85 @@ pub enum BuildError {
     Device { name: String, source: zram::Error },
     #[error("store: {0}")]
     Store(zram::Error),
+    #[error("{}: the control socket cannot also be the socket of device {name}", path.display())]
+    ControlIsDeviceSocket { path: PathBuf, name: String },
 }
 
-impl ServeArgs {
-    /// The devices to serve, with defaults filled in from the flags.
-    pub fn specs(&self) -> Result<Vec<DeviceSpec>, BuildError> {
-        let mut specs = self.device.clone();
-        if let (Some(socket), Some(size)) = (&self.socket, self.size) {
+/// One device with every setting resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub socket: PathBuf,
+    pub size: u64,
+    pub readonly: bool,
+    /// What GET_ID returns (at most 20 bytes).
+    pub serial: String,
+    pub backing_file: Option<PathBuf>,
+    pub blk_size: u32,
+    pub num_queues: u16,
+}
+
+/// `vzram serve`'s configuration, resolved and checked once from the arguments: every device
+/// with every setting filled in, the algorithms parsed, the control socket's path decided.
+#[derive(Debug)]
+pub struct Config {
+    pub devices: Vec<DeviceConfig>,
+    pub comp: zcomp::Params,
+    pub recomp: Vec<zcomp::Params>,
+    pub store: zram::StoreConfig,
+    pub queue_size: u16,
+    pub backing_file_overwrite: bool,
+    pub socket_mode: u32,
+    pub control: PathBuf,
+    pub control_mode: u32,
+    /// How long a queue worker watches its ring after a batch.
+    pub poll: Duration,
+    /// Background compaction when this many pages could be freed; `None`: never.
+    pub compact_threshold: Option<usize>,
+}
+
+impl TryFrom<&ServeArgs> for Config {
+    type Error = BuildError;
+
+    fn try_from(args: &ServeArgs) -> Result<Config, BuildError> {
+        let mut specs = args.device.clone();
+        if let (Some(socket), Some(size)) = (&args.socket, args.size) {
             specs.push(DeviceSpec::new(socket.clone(), size));
         }
         if specs.is_empty() {
             return Err(BuildError::NoDevice);
         }
-        if self.backing_file.is_some() && specs.len() > 1 {
+        if args.backing_file.is_some() && specs.len() > 1 {
             return Err(BuildError::SharedBackingFile);
         }
-        for (i, spec) in specs.iter_mut().enumerate() {
-            spec.name.get_or_insert_with(|| format!("vz{i}"));
-            spec.readonly.get_or_insert(self.readonly);
-            spec.blk_size.get_or_insert(self.blk_size);
-            spec.num_queues.get_or_insert(self.num_queues);
-            if spec.backing_file.is_none() && i == 0 {
-                spec.backing_file = self.backing_file.clone();
-            }
-            if spec.serial.is_none() {
-                spec.serial = Some(
-                    self.serial
-                        .clone()
-                        .unwrap_or_else(|| format!("vzram-{}", spec.name.as_ref().unwrap())),
-                );
-            }
-        }
-        for (i, a) in specs.iter().enumerate() {
-            for b in &specs[..i] {
+        let devices: Vec<DeviceConfig> = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let name = spec.name.unwrap_or_else(|| format!("vz{i}"));
+                DeviceConfig {
+                    serial: spec
+                        .serial
+                        .or_else(|| args.serial.clone())
+                        .unwrap_or_else(|| format!("vzram-{name}")),
+                    name,
+                    socket: spec.socket,
+                    size: spec.size,
+                    readonly: spec.readonly.unwrap_or(args.readonly),
+                    // Only one device exists when --backing-file is given (checked above).
+                    backing_file: spec.backing_file.or_else(|| args.backing_file.clone()),
+                    blk_size: spec.blk_size.unwrap_or(args.blk_size),
+                    num_queues: spec.num_queues.unwrap_or(args.num_queues),
+                }
+            })
+            .collect();
+        for (i, a) in devices.iter().enumerate() {
+            for b in &devices[..i] {
                 if a.socket == b.socket {
                     return Err(BuildError::DuplicateSocket(a.socket.clone()));
                 }
                 if a.name == b.name {
-                    return Err(BuildError::DuplicateName(a.name.clone().unwrap()));
+                    return Err(BuildError::DuplicateName(a.name.clone()));
                 }
                 if let Some(path) = &a.backing_file
                     && b.backing_file.as_ref() == Some(path)
@@ -338,66 +386,108 @@ impl ServeArgs {
                 }
             }
         }
-        Ok(specs)
+        let control = args
+            .control
+            .clone()
+            .unwrap_or_else(|| default_control_path(&devices[0].socket));
+        if let Some(d) = devices.iter().find(|d| d.socket == control) {
+            return Err(BuildError::ControlIsDeviceSocket {
+                path: control,
+                name: d.name.clone(),
+            });
+        }
+        Ok(Config {
+            devices,
+            comp: args.comp.clone(),
+            recomp: args.recomp.clone(),
+            store: zram::StoreConfig {
+                max_chain: usize::from(args.max_chain),
+                mem_limit: args.mem_limit,
+                ..zram::StoreConfig::default()
+            },
+            queue_size: args.queue_size,
+            backing_file_overwrite: args.backing_file_overwrite,
+            socket_mode: args.socket_mode,
+            control,
+            control_mode: args.control_mode,
+            poll: Duration::from_micros(args.poll_us),
+            compact_threshold: match args.compact_threshold {
+                0 => None,
+                n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            },
+        })
+    }
+}
+
+/// The default control socket: `vzram.ctl` beside the first device socket.
+pub fn default_control_path(first_socket: &Path) -> PathBuf {
+    first_socket
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join("vzram.ctl")
+}
+
+impl Config {
+    /// The control plane's settings.
+    pub fn control_config(&self) -> ServerConfig {
+        let mut config = ServerConfig::new(self.control.clone());
+        config.mode = self.control_mode;
+        match self.compact_threshold {
+            None => config.compact_interval = None,
+            Some(pages) => config.compact_threshold_pages = pages,
+        }
+        config
     }
 
-    /// Builds the shared store and the devices.
+    /// Builds the shared store and the devices (and opens their backing files).
     pub fn build(&self) -> Result<Built, BuildError> {
-        let specs = self.specs()?;
         if !self.backing_file_overwrite {
-            for spec in &specs {
-                let name = spec.name.clone().unwrap();
-                if let Some(path) = &spec.backing_file
+            for d in &self.devices {
+                if let Some(path) = &d.backing_file
                     && let Some(what) =
                         zram::backing_file_data(path).map_err(|source| BuildError::BackingFile {
-                            name: name.clone(),
+                            name: d.name.clone(),
                             source,
                         })?
                 {
                     return Err(BuildError::BackingFileHoldsData {
-                        name,
+                        name: d.name.clone(),
                         path: path.clone(),
                         what,
                     });
                 }
             }
         }
-        let recomp: Vec<&str> = self.recomp.iter().map(String::as_str).collect();
-        let comp = Arc::new(zcomp::Comp::parse(&self.comp, &recomp)?);
-        let store = zram::Store::new(zram::StoreConfig {
-            max_chain: usize::from(self.max_chain),
-            mem_limit: self.mem_limit,
-            ..zram::StoreConfig::default()
-        });
-        let store = Arc::new(store.map_err(BuildError::Store)?);
+        let comp = Arc::new(zcomp::Comp::with_secondaries(&self.comp, &self.recomp)?);
+        let store = zram::Store::new(self.store.clone()).map_err(BuildError::Store)?;
+        let store = Arc::new(store);
         let mut devices = Vec::new();
-        for spec in specs {
-            let name = spec.name.clone().unwrap();
+        for d in &self.devices {
             let device = zram::Device::new(
                 store.clone(),
                 comp.clone(),
                 zram::Config {
-                    size: spec.size,
-                    backing_file: spec.backing_file.clone(),
+                    size: d.size,
+                    backing_file: d.backing_file.clone(),
                 },
             )
             .map_err(|source| BuildError::Device {
-                name: name.clone(),
+                name: d.name.clone(),
                 source,
             })?;
-            let num_queues = spec.num_queues.unwrap();
             let served = Served::new(
-                name,
-                spec.socket.clone(),
+                d.name.clone(),
+                d.socket.clone(),
                 Arc::new(device),
-                usize::from(num_queues),
-                spec.readonly.unwrap(),
-                spec.serial.clone().unwrap(),
+                usize::from(d.num_queues),
+                d.readonly,
+                d.serial.clone(),
             );
             let blk = BlkGeometry {
-                size: spec.size,
-                blk_size: spec.blk_size.unwrap(),
-                num_queues,
+                size: d.size,
+                blk_size: d.blk_size,
+                num_queues: d.num_queues,
                 queue_size: self.queue_size,
             };
             devices.push((served, blk));
@@ -456,6 +546,45 @@ mod tests {
         assert_eq!(parse_disk_size("8G"), Ok(8 << 30));
     }
 
+    fn config(a: &ServeArgs) -> Result<Config, BuildError> {
+        Config::try_from(a)
+    }
+
+    #[test]
+    fn every_device_setting_is_resolved_once() {
+        let c = config(&serve_args(
+            "--device socket=/r/a.sock,size=1G,name=vm1,num-queues=2 --device socket=/r/b.sock,size=2G,readonly,blk-size=512 --serial S --num-queues 4 --poll-us 0 --compact-threshold 0",
+        ))
+        .unwrap();
+        assert_eq!(c.devices[0].name, "vm1");
+        assert_eq!(c.devices[1].name, "vz1");
+        assert_eq!((c.devices[0].num_queues, c.devices[1].num_queues), (2, 4));
+        assert_eq!(
+            (c.devices[0].readonly, c.devices[1].readonly),
+            (false, true)
+        );
+        assert_eq!((c.devices[0].blk_size, c.devices[1].blk_size), (4096, 512));
+        assert_eq!(c.devices[1].serial, "S");
+        assert_eq!(c.control, PathBuf::from("/r/vzram.ctl"));
+        assert_eq!((c.poll, c.compact_threshold), (Duration::ZERO, None));
+        let c = config(&serve_args("--socket a.sock --size 1G")).unwrap();
+        assert_eq!(c.devices[0].serial, "vzram-vz0");
+        assert_eq!(c.control, PathBuf::from("./vzram.ctl"));
+        assert_eq!(c.poll, crate::daemon::DEFAULT_POLL);
+        assert_eq!(
+            c.compact_threshold,
+            Some(crate::control::DEFAULT_COMPACT_THRESHOLD_PAGES)
+        );
+        let e = config(&serve_args(
+            "--socket /r/a.sock --size 1G --control /r/a.sock",
+        ));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("cannot also be the socket")
+        );
+    }
+
     fn serve_args(args: &str) -> ServeArgs {
         use clap::Parser;
         #[derive(Debug, Parser)]
@@ -480,23 +609,23 @@ mod tests {
     fn backing_file_goes_with_one_device() {
         let a = serve_args("--socket /tmp/a --size 1G --backing-file /tmp/b");
         assert_eq!(
-            a.specs().unwrap()[0].backing_file.as_deref(),
+            config(&a).unwrap().devices[0].backing_file.as_deref(),
             Some(std::path::Path::new("/tmp/b"))
         );
         let a = serve_args(
             "--device socket=/tmp/a,size=1G --device socket=/tmp/c,size=1G --backing-file /tmp/b",
         );
-        let e = a.specs().unwrap_err().to_string();
+        let e = config(&a).unwrap_err().to_string();
         assert!(e.contains("backing-file=PATH"), "{e}");
         let a = serve_args(
             "--device socket=/tmp/a,size=1G,backing-file=/tmp/b1 --device socket=/tmp/c,size=1G,backing-file=/tmp/b2",
         );
-        let specs = a.specs().unwrap();
-        assert_eq!(specs[1].backing_file, Some(PathBuf::from("/tmp/b2")));
+        let devices = config(&a).unwrap().devices;
+        assert_eq!(devices[1].backing_file, Some(PathBuf::from("/tmp/b2")));
         let a = serve_args(
             "--device socket=/tmp/a,size=1G,backing-file=/tmp/b --device socket=/tmp/c,size=1G,backing-file=/tmp/b",
         );
-        let e = a.specs().unwrap_err().to_string();
+        let e = config(&a).unwrap_err().to_string();
         assert_eq!(e, "two devices use the backing file /tmp/b");
     }
 
@@ -512,7 +641,10 @@ mod tests {
             dir.join("s").display(),
             backing.display()
         );
-        let e = serve_args(&args).build().unwrap_err().to_string();
+        let e = config(&serve_args(&args))
+            .and_then(|c| c.build())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(&format!(
                 "device vz0: backing file {}: holds data (8192 bytes",
@@ -521,18 +653,18 @@ mod tests {
             "{e}"
         );
         assert_eq!(std::fs::read(&backing).unwrap(), [5u8; 8192]);
-        let built = serve_args(&format!("{args} --backing-file-overwrite"))
-            .build()
+        let built = config(&serve_args(&format!("{args} --backing-file-overwrite")))
+            .and_then(|c| c.build())
             .unwrap();
         assert_eq!(built.devices.len(), 1);
         // Errors name the path.
         let missing = dir.join("no-such-dir/b");
-        let e = serve_args(&format!(
+        let e = config(&serve_args(&format!(
             "--socket {} --size 1M --backing-file {}",
             dir.join("s").display(),
             missing.display()
-        ))
-        .build()
+        )))
+        .and_then(|c| c.build())
         .unwrap_err()
         .to_string();
         assert!(e.contains(&*missing.to_string_lossy()), "{e}");

@@ -16,7 +16,7 @@ use crate::served::Served;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -261,13 +261,4 @@ fn serve_connection(
     drop(handler);
     drop(conn);
     result
-}
-
-/// The default control socket: `vzram.ctl` beside the first device socket.
-pub fn default_control_path(first_socket: &Path) -> PathBuf {
-    first_socket
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .join("vzram.ctl")
 }

@@ -3,10 +3,10 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use vzram::cli::ServeArgs;
+use vzram::cli::{Config, ServeArgs};
 use vzram::client::ClientCommand;
-use vzram::control::{self, Server, ServerConfig};
-use vzram::daemon::{DeviceServer, default_control_path};
+use vzram::control::{self, Server};
+use vzram::daemon::DeviceServer;
 use vzram::sockets::{self, ClaimedSocket, PathLock};
 
 #[derive(Debug, Parser)]
@@ -69,49 +69,35 @@ fn serve(args: &ServeArgs) -> ExitCode {
     // devices; claim every device socket; take the control socket's lock; bind the control
     // socket; only then start serving. A failure releases what was claimed and exits with
     // status 2 at once (no server is dropped, so nothing waits on an accept loop).
-    let built = match args.build() {
+    let config = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => fail(&e, Vec::new(), None),
+    };
+    let built = match config.build() {
         Ok(b) => b,
         Err(e) => fail(&e, Vec::new(), None),
     };
-    let control_path = args
-        .control
-        .clone()
-        .unwrap_or_else(|| default_control_path(&built.devices[0].0.socket));
-    if let Some((served, _)) = built.devices.iter().find(|(s, _)| s.socket == control_path) {
-        fail(
-            &format!(
-                "{}: the control socket cannot also be the socket of device {}",
-                control_path.display(),
-                served.name
-            ),
-            Vec::new(),
-            None,
-        );
-    }
     let mut claimed = Vec::new();
-    for (served, _) in &built.devices {
-        match sockets::claim(&served.socket, args.socket_mode) {
+    for d in &config.devices {
+        match sockets::claim(&d.socket, config.socket_mode) {
             Ok(c) => claimed.push(c),
             Err(e) => fail(&e, claimed, None),
         }
     }
-    let control_lock = match sockets::lock(&control_path) {
+    let control_lock = match sockets::lock(&config.control) {
         Ok(l) => l,
         Err(e) => fail(&format!("control socket {e}"), claimed, None),
     };
-    let mut config = ServerConfig::new(control_path.clone());
-    config.mode = args.control_mode;
-    if args.compact_threshold == 0 {
-        config.compact_interval = None;
-    } else {
-        config.compact_threshold_pages =
-            usize::try_from(args.compact_threshold).unwrap_or(usize::MAX);
-    }
     let (tx, rx) = std::sync::mpsc::channel();
     let devices = built.devices.iter().map(|(s, _)| s.clone()).collect();
-    let control = match Server::start(config, devices, built.store.clone(), move || {
-        let _ = tx.send(());
-    }) {
+    let control = match Server::start(
+        config.control_config(),
+        devices,
+        built.store.clone(),
+        move || {
+            let _ = tx.send(());
+        },
+    ) {
         Ok(c) => c,
         Err(e) => fail(&e, claimed, Some(control_lock)),
     };
@@ -122,13 +108,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
             .try_clone()
             .map_err(|e| format!("{}: {e}", served.socket.display()))
             .and_then(|listener| {
-                DeviceServer::start(
-                    served.clone(),
-                    listener,
-                    blk.clone(),
-                    std::time::Duration::from_micros(args.poll_us),
-                )
-                .map_err(|e| e.to_string())
+                DeviceServer::start(served.clone(), listener, blk.clone(), config.poll)
+                    .map_err(|e| e.to_string())
             });
         match started {
             Ok(s) => {
@@ -138,7 +119,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
                     blk.size,
                     blk.num_queues,
                     blk.queue_size,
-                    args.comp,
+                    config.comp,
                     served.socket.display()
                 );
                 servers.push(s);
@@ -158,7 +139,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     for socket in claimed {
         socket.release();
     }
-    let _ = std::fs::remove_file(&control_path);
+    let _ = std::fs::remove_file(&config.control);
     control_lock.release();
     // Exit without waiting for connected frontends to hang up (dropping the servers would).
     std::process::exit(0)

@@ -51,8 +51,8 @@ use crate::served::Served;
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// How often the pool is checked for pages compaction could free.
 pub const DEFAULT_COMPACT_INTERVAL: Duration = Duration::from_secs(5);
-/// Compact when at least this many pages (4 MiB) would be freed.
-pub const DEFAULT_COMPACT_THRESHOLD_PAGES: usize = 1024;
+/// Compact when at least this many pages (8 MiB) would be freed.
+pub const DEFAULT_COMPACT_THRESHOLD_PAGES: usize = 2048;
 /// A client that sends no complete request for this long is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not take an answer within this long is closed.
@@ -111,7 +111,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// The defaults: mode 0600, compaction checked every 5 s at a threshold of 1024 pages,
+    /// The defaults: mode 0600, compaction checked every 5 s at a threshold of 2048 pages,
     /// signals handled, 128 clients closed after 10 s without a request.
     pub fn new(socket: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
