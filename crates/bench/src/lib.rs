@@ -39,8 +39,14 @@ pub struct BenchArgs {
 
     /// Page content, e.g. `zero=0.1,same=0.05,random=0.03,text=0.25` (the rest pointer-rich
     /// heap pages); default: a swap-like mix.
-    #[arg(long, value_name = "MIX")]
+    #[arg(long, value_name = "MIX", conflicts_with = "pages")]
     pub mix: Option<Mix>,
+
+    /// Write real pages from FILE instead of generated ones: whole 4 KiB pages, raw or
+    /// zstd-compressed (`.zst`), e.g. a dump of processes' anonymous memory. Which page lands
+    /// where depends on --seed, so reads are still verified.
+    #[arg(long, value_name = "FILE")]
+    pub pages: Option<PathBuf>,
 
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -113,6 +119,11 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         args.jobs.clone()
     };
     let mix = args.mix.unwrap_or_default();
+    let pages = args.pages.as_deref().map(load_pages).transpose()?;
+    let load_options = |socket: PathBuf, jobs: Vec<Job>, mix: Mix, args: &BenchArgs| LoadOptions {
+        pages: pages.clone(),
+        ..load_options(socket, jobs, mix, args)
+    };
     if let Some(socket) = &args.socket {
         let report = load::run(&load_options(socket.clone(), jobs, mix, args))?;
         return Ok(BenchReport {
@@ -138,7 +149,10 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
             mm_stat: Some(device.stats().mm_stat),
         });
     }
-    let dir = std::env::temp_dir().join(format!("vzram-bench-{}", std::process::id()));
+    // Several runs may share a process (tests): each gets its own directory.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("vzram-bench-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .map_err(|e| BenchError::Setup(format!("{}: {e}", dir.display())))?;
     let socket = dir.join("bench.sock");
@@ -181,6 +195,23 @@ fn load_options(socket: PathBuf, jobs: Vec<Job>, mix: Mix, args: &BenchArgs) -> 
         event_idx: !args.no_event_idx,
         ..LoadOptions::default()
     }
+}
+
+/// Reads a page file (raw, or zstd-compressed when its name ends in `.zst`).
+pub fn load_pages(path: &std::path::Path) -> Result<Arc<load::RealPages>, BenchError> {
+    let fail = |e: &dyn std::fmt::Display| BenchError::Setup(format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+    let bytes = if path.extension().is_some_and(|e| e == "zst") {
+        zstd::stream::decode_all(file).map_err(|e| fail(&e))?
+    } else {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut v).map_err(|e| fail(&e))?;
+        v
+    };
+    let name = path.display().to_string();
+    load::RealPages::new(name, bytes)
+        .map(Arc::new)
+        .map_err(BenchError::Setup)
 }
 
 fn in_process_device(args: &BenchArgs) -> Result<Arc<zram::Device>, BenchError> {

@@ -80,3 +80,55 @@ fn store_only_refuses_blocks_other_than_4k() {
     let err = run(&args(&["--store-only", "--job", "rw=write,bs=8k,span=4m"])).unwrap_err();
     assert_eq!(err.to_string(), "--store-only runs bs=4k jobs only");
 }
+
+/// A page file of `n` distinct pages, none of them same-filled, raw and zstd-compressed.
+fn page_files(tag: &str, n: usize) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let dir = std::env::temp_dir().join(format!("vzram-bench-pages-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes: Vec<u8> = (0..n * 4096)
+        .map(|i| ((i / 4096) as u8).wrapping_mul(31) ^ (i % 251) as u8)
+        .collect();
+    let raw = dir.join("pages.bin");
+    std::fs::write(&raw, &bytes).unwrap();
+    let zst = dir.join("pages.bin.zst");
+    std::fs::write(&zst, zstd::encode_all(&bytes[..], 3).unwrap()).unwrap();
+    (raw, zst, bytes)
+}
+
+#[test]
+fn real_pages_from_a_file_are_written_and_verified() {
+    let (raw, zst, bytes) = page_files("ok", 64);
+    for (file, store_only) in [(&raw, true), (&zst, false)] {
+        let mut a = vec!["--pages", file.to_str().unwrap()];
+        if store_only {
+            a.push("--store-only");
+        }
+        a.extend_from_slice(&JOBS);
+        let report = run(&args(&a)).unwrap();
+        assert_eq!(report.problems(), 0, "{}", file.display());
+        assert_eq!(report.jobs[2].verified_pages, 2000, "{}", file.display());
+        let mm = report.mm_stat.unwrap();
+        // Every disk page holds one of the file's pages: none is same-filled, and they
+        // compress like the file's content, not like the generator's.
+        assert_eq!(mm.same_pages, 0, "{}", file.display());
+        assert_eq!(mm.orig_data_size, 1024 * 4096, "{}", file.display());
+    }
+    assert_eq!(bytes.len(), 64 * 4096);
+    std::fs::remove_dir_all(raw.parent().unwrap()).unwrap();
+}
+
+#[test]
+fn a_page_file_that_is_not_whole_pages_is_refused() {
+    let (raw, _, mut bytes) = page_files("bad", 2);
+    bytes.truncate(5000);
+    std::fs::write(&raw, &bytes).unwrap();
+    let e = run(&args(&["--pages", raw.to_str().unwrap(), "--store-only"]))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("not a whole, non-zero number of 4 KiB pages"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(raw.parent().unwrap()).unwrap();
+}

@@ -262,8 +262,11 @@ pub struct LoadOptions {
     pub socket: PathBuf,
     /// Jobs, run one after another.
     pub jobs: Vec<Job>,
-    /// Page content mix.
+    /// Page content mix (ignored when `pages` is given).
     pub mix: Mix,
+    /// Real pages to write instead of generated ones: page `p` of the disk gets one of them,
+    /// chosen by `(seed, p)` (see [`RealPages`]).
+    pub pages: Option<Arc<RealPages>>,
     /// Content seed.
     pub seed: u64,
     /// Read verification.
@@ -289,6 +292,7 @@ impl Default for LoadOptions {
             socket: PathBuf::new(),
             jobs: vec![Job::default()],
             mix: Mix::default(),
+            pages: None,
             seed: 1,
             verify: Verify::Written,
             queue_size: 0,
@@ -680,7 +684,7 @@ pub fn run_on<T: Target>(target: &mut T, opts: &LoadOptions) -> Result<Report> {
     });
     let prepare = Instant::now();
     let cache = (hi > lo && (hi - lo) * PAGE_SIZE as u64 <= opts.content_cache)
-        .then(|| Content::build(&opts.mix, opts.seed, lo, hi));
+        .then(|| Content::build(opts, lo, hi));
     let prepare_seconds = prepare.elapsed().as_secs_f64();
 
     let mut reports = Vec::new();
@@ -741,7 +745,10 @@ pub fn run_on<T: Target>(target: &mut T, opts: &LoadOptions) -> Result<Report> {
         capacity_bytes: capacity,
         queues_offered: target.queues_offered(),
         features: target.features(),
-        mix: opts.mix.to_string(),
+        mix: match &opts.pages {
+            Some(real) => real.to_string(),
+            None => opts.mix.to_string(),
+        },
         seed: opts.seed,
         verify: opts.verify,
         content_cached: cache.is_some(),
@@ -760,7 +767,7 @@ pub struct Content {
 
 impl Content {
     /// The content of pages `lo..hi`, generated on every core.
-    pub fn build(mix: &Mix, seed: u64, lo: u64, hi: u64) -> Content {
+    pub fn build(opts: &LoadOptions, lo: u64, hi: u64) -> Content {
         let mut bytes = vec![0u8; ((hi - lo) as usize) * PAGE_SIZE];
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let per = (hi - lo).div_ceil(threads as u64) as usize * PAGE_SIZE;
@@ -770,7 +777,7 @@ impl Content {
                     let first = lo + (t * per / PAGE_SIZE) as u64;
                     for (i, page) in part.chunks_exact_mut(PAGE_SIZE).enumerate() {
                         let page: &mut [u8; PAGE_SIZE] = page.try_into().unwrap();
-                        fill_page(mix, seed, first + i as u64, page);
+                        fill(opts, first + i as u64, page);
                     }
                 });
             }
@@ -790,8 +797,64 @@ fn content<'a>(ctx: &'a Ctx, page: u64, scratch: &'a mut [u8; PAGE_SIZE]) -> &'a
     if let Some(p) = ctx.cache.and_then(|c| c.page(page)) {
         return p;
     }
-    fill_page(&ctx.opts.mix, ctx.opts.seed, page, scratch);
+    fill(ctx.opts, page, scratch);
     &scratch[..]
+}
+
+/// The content the run writes to `page`: a real page if the options have them, else the
+/// generator's.
+fn fill(opts: &LoadOptions, page: u64, out: &mut [u8; PAGE_SIZE]) {
+    match &opts.pages {
+        Some(real) => out.copy_from_slice(real.pick(opts.seed, page)),
+        None => {
+            fill_page(&opts.mix, opts.seed, page, out);
+        }
+    }
+}
+
+/// A set of real 4 KiB pages (for example a dump of processes' anonymous memory) that a run
+/// writes instead of generated ones. Which page lands where depends only on the seed and the
+/// disk page, so reads are verified without remembering what was written.
+#[derive(Debug)]
+pub struct RealPages {
+    name: String,
+    bytes: Vec<u8>,
+}
+
+impl RealPages {
+    /// `bytes` holds whole pages; `name` says where they came from (for reports).
+    pub fn new(name: String, bytes: Vec<u8>) -> std::result::Result<RealPages, String> {
+        if bytes.is_empty() || bytes.len() % PAGE_SIZE != 0 {
+            return Err(format!(
+                "{name}: {} bytes is not a whole, non-zero number of 4 KiB pages",
+                bytes.len()
+            ));
+        }
+        Ok(RealPages { name, bytes })
+    }
+
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.bytes.len() / PAGE_SIZE
+    }
+
+    /// Always false: a set holds at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The page that disk page `page` gets under `seed`.
+    pub fn pick(&self, seed: u64, page: u64) -> &[u8] {
+        let i = SplitMix64::new(seed ^ page.rotate_left(17)).next_u64() % self.len() as u64;
+        let i = i as usize * PAGE_SIZE;
+        &self.bytes[i..i + PAGE_SIZE]
+    }
+}
+
+impl fmt::Display for RealPages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pages={} ({} real pages)", self.name, self.len())
+    }
 }
 
 /// Bitmap of pages written during a run.
