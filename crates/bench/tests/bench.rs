@@ -122,10 +122,10 @@ fn a_page_file_that_is_not_whole_pages_is_refused() {
     let (raw, _, mut bytes) = page_files("bad", 2);
     bytes.truncate(5000);
     std::fs::write(&raw, &bytes).unwrap();
-    let e = run(&args(&["--pages", raw.to_str().unwrap(), "--store-only"]))
-        .err()
-        .expect("refused")
-        .to_string();
+    let Err(e) = run(&args(&["--pages", raw.to_str().unwrap(), "--store-only"])) else {
+        panic!("a file of 5000 bytes was accepted");
+    };
+    let e = e.to_string();
     assert!(
         e.contains("not a whole, non-zero number of 4 KiB pages"),
         "{e}"
