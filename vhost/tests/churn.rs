@@ -113,9 +113,19 @@ fn usage(d: &Daemon) -> Usage {
 /// Waits (up to 30 s: connections still in the listen backlog are served one at a time, and
 /// CI machines are slow) for fds and threads to come back to `base`; returns the usage then.
 fn settle(d: &Daemon, base: Usage) -> Usage {
+    // The client side is done long before the daemon: closed connections still wait in the
+    // listen backlog, and between two of them the counts dip to the baseline. So the counts
+    // must stay there for a while (three looks, 100 ms apart).
+    let mut good = 0;
     poll_until(Duration::from_secs(30), || {
         let u = usage(d);
-        u.fds <= base.fds && u.threads <= base.threads
+        good = if u.fds <= base.fds && u.threads <= base.threads {
+            good + 1
+        } else {
+            0
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        good >= 3
     });
     usage(d)
 }
