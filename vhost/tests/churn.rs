@@ -7,13 +7,13 @@ mod child;
 #[path = "common/raw.rs"]
 mod raw;
 
-use child::{Daemon, KillOnDrop, TempDir, describe_status, poll_until};
+use child::{Daemon, KillOnDrop, TempDir, describe_status, fresh_io, poll_until};
 use raw::Raw;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vufront::{Device, F_PROTOCOL_FEATURES, F_VERSION_1, GuestMem, Options, Queue, Request};
+use vufront::{F_PROTOCOL_FEATURES, F_VERSION_1, GuestMem, Queue};
 
 const T: Duration = Duration::from_secs(2);
 const MIB: u64 = 1 << 20;
@@ -69,30 +69,6 @@ impl Frontend {
             self.q.kick_fd().as_raw_fd(),
         )
     }
-}
-
-/// A fresh well-behaved connection does a verified 4 KiB write + read.
-fn verified_io(sock: &Path) -> Result<(), String> {
-    let opts = Options {
-        mem_size: MIB,
-        connect_timeout: Duration::from_secs(3),
-        reply_timeout: Some(Duration::from_secs(3)),
-        ..Options::default()
-    };
-    let mut dev = Device::connect(sock, &opts).map_err(|e| format!("connect: {e}"))?;
-    let mut q = dev.take_queue(0).unwrap();
-    let page: Vec<u8> = (0..4096u32).map(|i| (i * 31 % 253) as u8).collect();
-    q.execute(&Request::write(80, &page), T)
-        .and_then(|c| c.check())
-        .map_err(|e| format!("write: {e}"))?;
-    let c = q
-        .execute(&Request::read(80, 4096), T)
-        .and_then(|c| c.check())
-        .map_err(|e| format!("read: {e}"))?;
-    if c.data != page {
-        return Err("read back other data".into());
-    }
-    Ok(())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -213,7 +189,7 @@ fn ten_thousand_negotiations_leave_nothing_behind() {
         panic!("{f}");
     }
     check_flat("10,000 negotiations", &d.0, base, after);
-    verified_io(&sock).expect("a connection after the churn");
+    fresh_io(&sock, 0).expect("a connection after the churn");
 }
 
 #[test]
@@ -313,6 +289,6 @@ fn running_out_of_fds_is_transient() {
         panic!("the daemon {}", describe_status(st));
     }
     assert!(sock.exists(), "the daemon removed its socket while running");
-    verified_io(&sock).expect("a fresh connection after fd exhaustion");
+    fresh_io(&sock, 0).expect("a fresh connection after fd exhaustion");
     assert!(failed.is_none(), "{}", failed.unwrap());
 }

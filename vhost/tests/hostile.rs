@@ -28,13 +28,13 @@ mod child;
 #[path = "common/raw.rs"]
 mod raw;
 
-use child::{Daemon, KillOnDrop, TempDir, describe_status, poll_until};
+use child::{Daemon, KillOnDrop, TempDir, describe_status, fresh_io, poll_until};
 use raw::{Outcome, Raw, Region, proto, req};
 use std::any::Any;
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1112,31 +1112,6 @@ fn b_frontend(sock: PathBuf, stop: Arc<AtomicBool>, stats: Arc<BStats>) {
         drop(q);
         dev.disconnect();
     }
-}
-
-/// A fresh well-behaved connection on `sock`: a verified 4 KiB write + read.
-fn fresh_io(sock: &Path, seed: u64) -> Result<(), String> {
-    let opts = Options {
-        mem_size: MIB,
-        connect_timeout: Duration::from_secs(3),
-        reply_timeout: Some(Duration::from_secs(3)),
-        ..Options::default()
-    };
-    let mut dev = Device::connect(sock, &opts).map_err(|e| format!("connect: {e}"))?;
-    let mut q = dev.take_queue(0).unwrap();
-    let page: Vec<u8> = (0..4096u64).map(|i| (i * 13 + seed) as u8).collect();
-    let sector = 1024 + (seed % 1024) * 8;
-    q.execute(&Request::write(sector, &page), Duration::from_secs(3))
-        .and_then(|c| c.check())
-        .map_err(|e| format!("write: {e}"))?;
-    let c = q
-        .execute(&Request::read(sector, 4096), Duration::from_secs(3))
-        .and_then(|c| c.check())
-        .map_err(|e| format!("read: {e}"))?;
-    if c.data != page {
-        return Err("read back other data".into());
-    }
-    Ok(())
 }
 
 struct Row {

@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vufront::{Device, Options, Request};
 
 /// A temporary directory removed on drop.
 #[derive(Debug)]
@@ -209,4 +210,29 @@ pub fn poll_until(wait: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A fresh well-behaved connection on `sock`: a verified 4 KiB write + read.
+pub fn fresh_io(sock: &Path, seed: u64) -> Result<(), String> {
+    let opts = Options {
+        mem_size: 1 << 20,
+        connect_timeout: Duration::from_secs(3),
+        reply_timeout: Some(Duration::from_secs(3)),
+        ..Options::default()
+    };
+    let mut dev = Device::connect(sock, &opts).map_err(|e| format!("connect: {e}"))?;
+    let mut q = dev.take_queue(0).unwrap();
+    let page: Vec<u8> = (0..4096u64).map(|i| (i * 13 + seed) as u8).collect();
+    let sector = 1024 + (seed % 1024) * 8;
+    q.execute(&Request::write(sector, &page), Duration::from_secs(3))
+        .and_then(|c| c.check())
+        .map_err(|e| format!("write: {e}"))?;
+    let c = q
+        .execute(&Request::read(sector, 4096), Duration::from_secs(3))
+        .and_then(|c| c.check())
+        .map_err(|e| format!("read: {e}"))?;
+    if c.data != page {
+        return Err("read back other data".into());
+    }
+    Ok(())
 }
