@@ -690,8 +690,15 @@ mod tests {
     }
 
     fn recompress_idle(dev: &Device, s: &mut Stream) -> RecompressResult {
-        dev.recompress(PageFilter::Idle, None, None, Priority::new(1).unwrap(), s)
-            .unwrap()
+        dev.recompress(
+            PageFilter::Idle,
+            None,
+            None,
+            Priority::new(1).unwrap(),
+            s,
+            &AtomicBool::new(false),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -722,8 +729,15 @@ mod tests {
         let again = recompress_idle(&dev, &mut s);
         assert_eq!(again.recompressed, 0);
         assert!(
-            dev.recompress(PageFilter::Idle, None, None, Priority::PRIMARY, &mut s)
-                .is_err()
+            dev.recompress(
+                PageFilter::Idle,
+                None,
+                None,
+                Priority::PRIMARY,
+                &mut s,
+                &AtomicBool::new(false)
+            )
+            .is_err()
         );
     }
 
@@ -746,12 +760,28 @@ mod tests {
             })
             .collect();
         dev.set_writeback_limit(Some(10));
-        assert_eq!(dev.writeback(PageFilter::Huge, None).unwrap(), 10);
+        assert_eq!(
+            dev.writeback(PageFilter::Huge, None, &AtomicBool::new(false))
+                .unwrap(),
+            10
+        );
         dev.set_writeback_limit(None);
-        assert_eq!(dev.writeback(PageFilter::Huge, None).unwrap(), 6);
-        assert_eq!(dev.writeback(PageFilter::Idle, None).unwrap(), 0); // nothing idle yet
+        assert_eq!(
+            dev.writeback(PageFilter::Huge, None, &AtomicBool::new(false))
+                .unwrap(),
+            6
+        );
+        assert_eq!(
+            dev.writeback(PageFilter::Idle, None, &AtomicBool::new(false))
+                .unwrap(),
+            0
+        ); // nothing idle yet
         dev.mark_idle(None);
-        assert_eq!(dev.writeback(PageFilter::Idle, Some(8)).unwrap(), 8);
+        assert_eq!(
+            dev.writeback(PageFilter::Idle, Some(8), &AtomicBool::new(false))
+                .unwrap(),
+            8
+        );
         let bd = dev.stats().bd_stat;
         assert_eq!((bd.bd_count, bd.bd_writes), (24, 24));
         assert_eq!(dev.stats().mm_stat.huge_pages, 0);
@@ -770,7 +800,7 @@ mod tests {
         std::fs::remove_file(path).unwrap();
         let no_file = device(&st, 4, None);
         assert!(matches!(
-            no_file.writeback(PageFilter::Huge, None),
+            no_file.writeback(PageFilter::Huge, None, &AtomicBool::new(false)),
             Err(Error::NoBackingFile)
         ));
     }
@@ -808,7 +838,7 @@ mod tests {
         // Set before the pass: nothing is tried.
         let stop = AtomicBool::new(true);
         let r = dev
-            .recompress_until(PageFilter::Idle, None, None, prio, &mut s, &stop)
+            .recompress(PageFilter::Idle, None, None, prio, &mut s, &stop)
             .unwrap();
         assert_eq!(r, RecompressResult::default());
 
@@ -816,7 +846,7 @@ mod tests {
         let r = stop_midway(
             |stop| {
                 let mut s = dev.new_stream();
-                dev.recompress_until(PageFilter::Idle, None, None, prio, &mut s, stop)
+                dev.recompress(PageFilter::Idle, None, None, prio, &mut s, stop)
                     .unwrap()
             },
             || dev.stats().mm_stat.compr_data_size < before,
@@ -843,12 +873,12 @@ mod tests {
         }
         dev.mark_idle(None);
         assert_eq!(
-            dev.writeback_until(PageFilter::Idle, None, &AtomicBool::new(true))
+            dev.writeback(PageFilter::Idle, None, &AtomicBool::new(true))
                 .unwrap(),
             0
         );
         let written = stop_midway(
-            |stop| dev.writeback_until(PageFilter::Idle, None, stop).unwrap(),
+            |stop| dev.writeback(PageFilter::Idle, None, stop).unwrap(),
             || dev.stats().bd_stat.bd_writes > 0,
         );
         assert!(written > 0 && written < N, "stopped part-way: {written}");

@@ -6,6 +6,7 @@ mod common;
 use common::{TempFile, comp, store};
 use pagemix::{PageKind, SplitMix64, fill_kind};
 use proptest::prelude::*;
+use std::sync::atomic::AtomicBool;
 use zcomp::{Priority, Stream};
 use zram::{Config, Device, Error, PAGE_SIZE, PageFilter};
 
@@ -245,7 +246,14 @@ fn run_op(dev: &Device, m: &mut Model, st: &mut Stream, op: &Op) -> Result<(), T
                 PageFilter::Idle
             };
             let r = dev
-                .recompress(filter, None, max, Priority::new(1).unwrap(), st)
+                .recompress(
+                    filter,
+                    None,
+                    max,
+                    Priority::new(1).unwrap(),
+                    st,
+                    &AtomicBool::new(false),
+                )
                 .expect("recompress");
             prop_assert!(r.recompressed <= r.tried);
             prop_assert!(max.is_none_or(|m| r.tried <= m));
@@ -255,7 +263,9 @@ fn run_op(dev: &Device, m: &mut Model, st: &mut Stream, op: &Op) -> Result<(), T
             if filter != PageFilter::Huge {
                 dev.mark_idle(None);
             }
-            let n = dev.writeback(filter, Some(limit)).expect("writeback");
+            let n = dev
+                .writeback(filter, Some(limit), &AtomicBool::new(false))
+                .expect("writeback");
             prop_assert!(n <= limit);
             m.bd_writes += n;
         }

@@ -217,9 +217,10 @@ fn maintain(dev: &Device, stop: &AtomicBool) -> u64 {
             Some(64),
             Priority::new(1).unwrap(),
             &mut st,
+            &AtomicBool::new(false),
         )
         .expect("recompress");
-        match dev.writeback(PageFilter::Idle, Some(50)) {
+        match dev.writeback(PageFilter::Idle, Some(50), &AtomicBool::new(false)) {
             // Blocks freed by concurrent overwrites are released just after the slot
             // changes, so a nearly full backing file may briefly look full.
             Ok(_) | Err(Error::BackingFull) => {}
@@ -231,6 +232,7 @@ fn maintain(dev: &Device, stop: &AtomicBool) -> u64 {
             Some(16),
             Priority::new(1).unwrap(),
             &mut st,
+            &AtomicBool::new(false),
         )
         .expect("recompress huge");
         rounds += 1;
@@ -392,7 +394,7 @@ fn writeback_racing_rewrites_of_one_page() {
         s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
                 dev.mark_idle(None);
-                match dev.writeback(PageFilter::Idle, None) {
+                match dev.writeback(PageFilter::Idle, None, &AtomicBool::new(false)) {
                     Ok(_) | Err(Error::BackingFull) => {}
                     Err(e) => panic!("writeback: {e}"),
                 }
@@ -470,6 +472,7 @@ fn recompress_racing_rewrites_of_one_page() {
                         None,
                         Priority::new(1).unwrap(),
                         &mut st,
+                        &AtomicBool::new(false),
                     )
                     .expect("recompress")
                     .recompressed;

@@ -314,7 +314,7 @@ impl Context {
             let mut stream = s.device.new_stream();
             let r = s
                 .device
-                .recompress_until(
+                .recompress(
                     page_type.into(),
                     threshold,
                     left,
@@ -363,10 +363,7 @@ impl Context {
         for s in targets {
             // As for recompression: a spent limit still lists the device, with 0.
             let left = limit.map(|l| l.saturating_sub(written));
-            match s
-                .device
-                .writeback_until(page_type.into(), left, &self.cancel)
-            {
+            match s.device.writeback(page_type.into(), left, &self.cancel) {
                 Ok(n) => {
                     written += n;
                     reply.devices.push(WritebackDevice {

@@ -15,8 +15,8 @@
 //! 4. `Device::replace`: install the new form, keeping the page's flags and access time
 //!    (moving a page is not an access), and free the old object after unlocking.
 //!
-//! A stop flag (`*_until`) is checked before each page, so a pass can be cancelled between
-//! pages; every page is left either as it was or replaced whole.
+//! A stop flag (the `stop` argument) is checked before each page, so a pass can be cancelled
+//! between pages; every page is left either as it was or replaced whole.
 
 use super::{Device, PageFilter, RecompressResult};
 use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, MAINT, SlotGuard, State};
@@ -45,23 +45,10 @@ impl Device {
 
     /// Recompresses matching pages with the algorithm of priority `prio` (1..=3), keeping the
     /// new form only if it lands in a smaller size class. `threshold`: only pages whose
-    /// compressed size is at least this. `max_pages`: stop after trying this many.
+    /// compressed size is at least this. `max_pages`: stop after trying this many. Ends early
+    /// once `stop` is set (checked before each page), returning what it did so far. Every page
+    /// stays readable with its content: a page is either left as it was or replaced whole.
     pub fn recompress(
-        &self,
-        filter: PageFilter,
-        threshold: Option<usize>,
-        max_pages: Option<u64>,
-        prio: Priority,
-        stream: &mut Stream,
-    ) -> Result<RecompressResult, Error> {
-        let never = AtomicBool::new(false);
-        self.recompress_until(filter, threshold, max_pages, prio, stream, &never)
-    }
-
-    /// [`Device::recompress`] that also ends early once `stop` is set (checked before each
-    /// page), returning what it did so far. Every page stays readable with its content: a page
-    /// is either left as it was or replaced whole.
-    pub fn recompress_until(
         &self,
         filter: PageFilter,
         threshold: Option<usize>,
@@ -128,14 +115,9 @@ impl Device {
     }
 
     /// Moves matching pages, compressed as they are, to the backing file, up to `limit` pages
-    /// and within the writeback limit (if enabled). Returns the pages written.
-    pub fn writeback(&self, filter: PageFilter, limit: Option<u64>) -> Result<u64, Error> {
-        self.writeback_until(filter, limit, &AtomicBool::new(false))
-    }
-
-    /// [`Device::writeback`] that also ends early once `stop` is set (checked before each
-    /// page), returning the pages written so far.
-    pub fn writeback_until(
+    /// and within the writeback limit (if enabled). Ends early once `stop` is set (checked
+    /// before each page). Returns the pages written.
+    pub fn writeback(
         &self,
         filter: PageFilter,
         limit: Option<u64>,
