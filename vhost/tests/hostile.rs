@@ -427,16 +427,8 @@ fn vring_base(c: &Ctx, base: u32) -> Result<Outcome, String> {
     Ok(r.call(req::SET_VRING_BASE, &raw::state(0, base), &[]))
 }
 
-/// SET_VRING_ADDR with the rings moved by `f(desc, used, avail, end)` (`end`: the user address
-/// just past guest memory). Refused at SET_VRING_ADDR, or at the latest at SET_VRING_KICK
-/// (when a frontend sends the size after the addresses, the check can only happen there);
-/// if neither refuses, the queue is kicked to see what the daemon does with it.
-fn vring_addr_bad(
-    c: &Ctx,
-    f: impl Fn(u64, u64, u64, u64) -> (u64, u64, u64),
-) -> Result<Outcome, String> {
-    let (r, mem) = c.ready()?;
-    let q = Queue::new(&mem, 0, MAX_QUEUE as u16).unwrap();
+/// The well-behaved start of queue 0's set-up: its size (the device's maximum) and base 0.
+fn size_and_base(r: &Raw) -> Result<(), String> {
     r.ok(
         "SET_VRING_NUM",
         req::SET_VRING_NUM,
@@ -448,7 +440,20 @@ fn vring_addr_bad(
         req::SET_VRING_BASE,
         &raw::state(0, 0),
         &[],
-    )?;
+    )
+}
+
+/// SET_VRING_ADDR with the rings moved by `f(desc, used, avail, end)` (`end`: the user address
+/// just past guest memory). Refused at SET_VRING_ADDR, or at the latest at SET_VRING_KICK
+/// (when a frontend sends the size after the addresses, the check can only happen there);
+/// if neither refuses, the queue is kicked to see what the daemon does with it.
+fn vring_addr_bad(
+    c: &Ctx,
+    f: impl Fn(u64, u64, u64, u64) -> (u64, u64, u64),
+) -> Result<Outcome, String> {
+    let (r, mem) = c.ready()?;
+    let q = Queue::new(&mem, 0, MAX_QUEUE as u16).unwrap();
+    size_and_base(&r)?;
     let spec = mem.regions()[0];
     let end = mem.host_address(spec.gpa + spec.size - 1).unwrap() + 1;
     let h = |gpa| mem.host_address(gpa).unwrap();
@@ -529,18 +534,7 @@ fn not_eventfd(c: &Ctx, code: u32, kind: NotEventFd) -> Result<Outcome, String> 
 fn pipe_call_completions(c: &Ctx) -> Result<Outcome, String> {
     let (r, mem) = c.ready()?;
     let mut q = Queue::new(&mem, 0, MAX_QUEUE as u16).unwrap();
-    r.ok(
-        "SET_VRING_NUM",
-        req::SET_VRING_NUM,
-        &raw::state(0, MAX_QUEUE),
-        &[],
-    )?;
-    r.ok(
-        "SET_VRING_BASE",
-        req::SET_VRING_BASE,
-        &raw::state(0, 0),
-        &[],
-    )?;
+    size_and_base(&r)?;
     r.ok(
         "SET_VRING_ADDR",
         req::SET_VRING_ADDR,
