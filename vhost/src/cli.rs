@@ -303,6 +303,25 @@ pub enum BuildError {
     ControlIsDeviceSocket { path: PathBuf, name: String },
 }
 
+/// Parses the command line of `program`. `--help` and `--version` print and exit 0; an
+/// argument error is one line (clap's first, without its "error: "), exit status 2, as for
+/// every other error of our programs.
+pub fn parse_or_exit<P: clap::Parser>(program: &str) -> P {
+    match P::try_parse() {
+        Ok(parsed) => parsed,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or_default();
+            eprintln!(
+                "{program}: {}",
+                line.strip_prefix("error: ").unwrap_or(line)
+            );
+            std::process::exit(2)
+        }
+    }
+}
+
 /// One device with every setting resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {

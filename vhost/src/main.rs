@@ -33,17 +33,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
-            // One line, as for every other error: clap's first line without its "error: ".
-            let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or_default();
-            eprintln!("vzram: {}", line.strip_prefix("error: ").unwrap_or(line));
-            return ExitCode::from(2);
-        }
-    };
+    let cli: Cli = vzram::cli::parse_or_exit("vzram");
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Client(cmd) => match vzram::client::run(cmd) {

@@ -17,20 +17,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
-            // One line, as for every other error: clap's first line without its "error: ".
-            let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or_default();
-            eprintln!(
-                "vzram-bench: {}",
-                line.strip_prefix("error: ").unwrap_or(line)
-            );
-            return ExitCode::from(2);
-        }
-    };
+    let cli: Cli = vzram::cli::parse_or_exit("vzram-bench");
     let args = cli.args;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match vzram_bench::run(&args) {
