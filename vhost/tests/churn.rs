@@ -232,10 +232,8 @@ fn low_fd_limit() -> std::io::Result<()> {
 #[test]
 fn running_out_of_fds_is_transient() {
     let (dir, sock, d) = one_device("emfile", Some(low_fd_limit));
-    eprintln!(
-        "daemon with RLIMIT_NOFILE 64: {} fds open at start",
-        d.0.fds()
-    );
+    let start_fds = d.0.fds();
+    eprintln!("daemon with RLIMIT_NOFILE 64: {start_fds} fds open at start");
     // Use up the daemon's fds with control clients (it keeps up to 128, more than 64 fds),
     // then try the device: its accept (or the connection's set-up) runs into EMFILE.
     let ctl = dir.0.join("vzram.ctl");
@@ -269,6 +267,9 @@ fn running_out_of_fds_is_transient() {
         "the daemon removed its socket while out of fds"
     );
     drop(held);
+    // The control plane closes its ends a moment later; until then the daemon is still out
+    // of fds.
+    poll_until(Duration::from_secs(10), || d.0.fds() <= start_fds);
     // Then connections one after another: a daemon that leaks per connection runs out here.
     let fe = Frontend::new();
     let mut failed = None;
