@@ -32,7 +32,6 @@ use crate::vring::{VringShared, WorkerThread};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -326,7 +325,7 @@ impl Connection {
         file: File,
     ) -> VuResult<Arc<GuestRegionMmap>> {
         let meta = file.metadata().map_err(VuError::ReqHandlerError)?;
-        if !meta.file_type().is_file() || meta.file_type().is_socket() {
+        if !meta.file_type().is_file() {
             return Err(self.refuse("guest memory must be a regular file (memfd, shm, hugetlbfs)"));
         }
         let end = region

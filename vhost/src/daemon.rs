@@ -116,12 +116,13 @@ impl Drop for DeviceServer {
     }
 }
 
-/// Waits until the listener is readable or a stop is requested; `timeout` in ms (-1: none).
-/// True if a stop was requested.
-fn wait(listener: &UnixListener, stop: &Stop, timeout: i32) -> bool {
+/// Waits until the listener (if given) is readable or a stop is requested; `timeout` in ms
+/// (-1: none). True if a stop was requested.
+fn wait(listener: Option<&UnixListener>, stop: &Stop, timeout: i32) -> bool {
     let mut fds = [
         libc::pollfd {
-            fd: listener.as_raw_fd(),
+            // poll ignores a negative fd.
+            fd: listener.map_or(-1, |l| l.as_raw_fd()),
             events: libc::POLLIN,
             revents: 0,
         },
@@ -148,26 +149,12 @@ fn accept_loop(
     let mut errors = RateLimitedLog::new();
     loop {
         // While backing off, wake only for a stop.
-        let timeout = if backoff.is_zero() {
-            -1
-        } else {
-            backoff.as_millis() as i32
+        let (listen, timeout) = match backoff.as_millis() {
+            0 => (Some(listener), -1),
+            ms => (None, ms as i32),
         };
-        if backoff.is_zero() {
-            if wait(listener, stop, timeout) {
-                return;
-            }
-        } else {
-            let mut fds = [libc::pollfd {
-                fd: stop.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: one valid pollfd entry.
-            unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
-            if stop.requested.load(Ordering::SeqCst) {
-                return;
-            }
+        if wait(listen, stop, timeout) {
+            return;
         }
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
