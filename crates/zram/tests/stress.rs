@@ -463,6 +463,7 @@ fn recompress_racing_rewrites_of_one_page() {
     )
     .expect("device");
     let stop = AtomicBool::new(false);
+    let passes = std::sync::atomic::AtomicU64::new(0);
     let (failures, recompressed) = thread::scope(|s| {
         let r = s.spawn(|| {
             let mut st = dev.new_stream();
@@ -480,6 +481,7 @@ fn recompress_racing_rewrites_of_one_page() {
                     )
                     .expect("recompress")
                     .recompressed;
+                passes.fetch_add(1, Ordering::Relaxed);
             }
             n
         });
@@ -492,6 +494,18 @@ fn recompress_racing_rewrites_of_one_page() {
             while start.elapsed() < RUN_FOR && failures.len() < 5 {
                 let (b, c) = (same_len_version(v + 1), same_len_version(v + 2));
                 v += 2;
+                // Now and then leave the page alone until a whole recompression pass (zstd 19)
+                // has run: on an idle machine the writer otherwise changes the page under
+                // every one of them and none ever lands.
+                if v % 64 == 0 {
+                    let seen = passes.load(Ordering::Relaxed);
+                    let quiet = Instant::now();
+                    while passes.load(Ordering::Relaxed) < seen + 2
+                        && quiet.elapsed() < Duration::from_millis(200)
+                    {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
                 dev.write_page(0, &b, &mut st).expect("write");
                 dev.write_page(0, &c, &mut st).expect("write");
                 dev.read_page(0, &mut page, &mut st).expect("read");
