@@ -497,7 +497,7 @@ fn recompress_racing_rewrites_of_one_page() {
                 // Now and then leave the page alone until a whole recompression pass (zstd 19)
                 // has run: on an idle machine the writer otherwise changes the page under
                 // every one of them and none ever lands.
-                if v % 64 == 0 {
+                if v.is_multiple_of(64) {
                     let seen = passes.load(Ordering::Relaxed);
                     let quiet = Instant::now();
                     while passes.load(Ordering::Relaxed) < seen + 2
