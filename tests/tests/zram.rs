@@ -9,11 +9,12 @@ use guest_tests::{BackendSpec, GuestSpec, RunError, run};
 fn swap_on_in_guest_zram() -> Result<(), RunError> {
     // zram's pool lives in guest RAM, so in-guest zram has a ceiling that host-side swap does
     // not: measured with this mix (lz4 about 2.4x), a 128 MiB guest is OOM-killed at 1.3x
-    // MemTotal and a 192 MiB guest thrashes without end at 1.5x. 1x of a 192 MiB guest
-    // (about 150 MiB, most of it swapped) keeps a wide margin.
+    // MemTotal, a 192 MiB guest thrashes without end at 1.5x, and at 1x it did so once in
+    // seven runs on a loaded machine (CI timed out). 0.8x of a 192 MiB guest (about 120 MiB,
+    // a quarter of it swapped) stays clear of that cliff.
     let spec = GuestSpec::new("zram")
         .mem_mib(192)
-        .param("factor", 1)
+        .param("factor", 0.8)
         .param("zram_mib", 512)
         .timeout(Duration::from_secs(240));
     let run = run("zram", BackendSpec::none(), &spec)?;
@@ -27,8 +28,8 @@ fn swap_on_in_guest_zram() -> Result<(), RunError> {
     let compr = out.u64("zram.compr_data_size");
     let total = out.u64("zram.mem_used_total");
     let workload = out.u64("swaptest.mib") << 20;
-    // About 60% of the workload is swapped out at 1x RAM.
-    assert!(orig * 3 > workload, "zram held {orig} of {workload} bytes");
+    // About a quarter of the workload is swapped out at 0.8x RAM.
+    assert!(orig * 5 > workload, "zram held {orig} of {workload} bytes");
     assert!(out.u64("zram.same_pages") > 0, "no same-filled pages");
     let ratio = orig as f64 / total as f64;
     println!(
