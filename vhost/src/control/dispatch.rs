@@ -1,0 +1,455 @@
+//! Answering a request line: find its command in [`COMMANDS`], read its arguments, run it.
+
+use super::proto::{COMMANDS, Command, Devices, Response, Skipped};
+use crate::served::Served;
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde::de::{Deserialize, Deserializer, Error as _, IgnoredAny, MapAccess, Visitor};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use zram::Store;
+
+/// Why a request failed; its text is the response's `error`.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("malformed JSON: {0}")]
+    Json(serde_json::Error),
+    #[error("bad request: {0}")]
+    DuplicateKey(serde_json::Error),
+    #[error("a request must be a JSON object with a \"cmd\", like {{\"cmd\":\"stat\"}}")]
+    NotAnObject,
+    #[error("\"cmd\" must be a string")]
+    CmdNotString,
+    #[error("unknown command {0:?} (commands: {names})", names = names().join(", "))]
+    UnknownCommand(String),
+    #[error("bad request for {cmd:?}: {source}")]
+    BadArguments {
+        cmd: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("unknown device {name:?} (devices: {known})")]
+    UnknownDevice { name: String, known: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("no device can do this: {0}")]
+    NoEligibleDevice(String),
+    #[error("{device}: {source}")]
+    Device { device: String, source: zram::Error },
+    #[error("stopped: the daemon is shutting down ({done})")]
+    Stopped { done: String },
+}
+
+fn names() -> Vec<&'static str> {
+    COMMANDS.iter().map(|e| e.name).collect()
+}
+
+/// A request's arguments: its keys but `cmd` and `id`.
+type Args = Map<String, Value>;
+
+/// A command as the server finds it: its name, and what answers a request for it.
+pub struct Entry {
+    name: &'static str,
+    answer: fn(&Context, Option<Value>, Args) -> Vec<u8>,
+}
+
+impl Entry {
+    pub(super) const fn of<C: Command>() -> Entry {
+        Entry {
+            name: C::NAME,
+            answer: answer::<C>,
+        }
+    }
+}
+
+/// Reads `args` as `C`, runs it and answers with its reply.
+fn answer<C: Command>(ctx: &Context, id: Option<Value>, args: Args) -> Vec<u8> {
+    let cmd = serde_json::from_value::<C>(Value::Object(args)).map_err(|source| {
+        CommandError::BadArguments {
+            cmd: C::NAME,
+            source,
+        }
+    });
+    respond(
+        id,
+        cmd.and_then(|cmd| {
+            log::debug!("control request: {cmd:?}");
+            cmd.run(ctx)
+        }),
+    )
+}
+
+/// One response line, newline included.
+fn respond<T: Serialize>(id: Option<Value>, result: Result<T, CommandError>) -> Vec<u8> {
+    let response = match result {
+        Ok(result) => Response {
+            ok: true,
+            id,
+            error: None,
+            result: Some(result),
+        },
+        Err(e) => {
+            log::info!("control request failed: {e}");
+            Response {
+                ok: false,
+                id,
+                error: Some(e.to_string()),
+                result: None,
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
+        // Our own reply types always serialise; this is a bug, but the client still
+        // deserves an answer.
+        format!(r#"{{"ok":false,"error":"internal error: {e}"}}"#).into_bytes()
+    });
+    out.push(b'\n');
+    out
+}
+
+/// A JSON object's keys, each seen once: serde_json keeps the last of duplicated keys, and
+/// `{"cmd":"stat","cmd":"compact"}` must not quietly compact.
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<UniqueKeys, D::Error> {
+        struct Keys;
+        impl<'de> Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+                let mut seen = HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(A::Error::custom(format_args!(
+                            "duplicate key {key:?}; each key may appear once"
+                        )));
+                    }
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+/// Parses one request line: the `id` to echo (if the line was an object), and the command
+/// with its arguments.
+fn parse(line: &[u8]) -> (Option<Value>, Result<(&'static Entry, Args), CommandError>) {
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return (None, Err(CommandError::Json(e))),
+    };
+    let Value::Object(mut map) = value else {
+        return (None, Err(CommandError::NotAnObject));
+    };
+    let id = map.remove("id");
+    if let Err(e) = serde_json::from_slice::<UniqueKeys>(line) {
+        return (id, Err(CommandError::DuplicateKey(e)));
+    }
+    let entry = match map.remove("cmd") {
+        None => Err(CommandError::NotAnObject),
+        Some(Value::String(c)) => {
+            (COMMANDS.iter().find(|e| e.name == c)).ok_or(CommandError::UnknownCommand(c))
+        }
+        Some(_) => Err(CommandError::CmdNotString),
+    };
+    (id, entry.map(|e| (e, map)))
+}
+
+/// What the commands work on.
+#[derive(Debug)]
+pub struct Context {
+    pub(super) devices: Vec<Arc<Served>>,
+    pub(super) store: Arc<Store>,
+    /// Set on shutdown: a running recompression or writeback stops at the next page.
+    pub(super) cancel: AtomicBool,
+    /// Held by the maintenance passes, which run one at a time.
+    pub(super) maintenance: Mutex<()>,
+}
+
+/// What a maintenance pass did with one device.
+pub(super) enum Outcome<T> {
+    /// The device's reply entry, and the pages of the budget it used.
+    Done(T, u64),
+    /// Left out, and why.
+    Skipped(String),
+}
+
+/// What [`Context::each_device`] says when a pass is stopped or finds nothing to act on.
+pub(super) struct Messages {
+    /// What was done before the stop, given the pages used.
+    pub stopped: fn(u64) -> String,
+    /// Why no device was eligible.
+    pub none_eligible: String,
+}
+
+impl Context {
+    pub(super) fn new(devices: Vec<Arc<Served>>, store: Arc<Store>) -> Context {
+        Context {
+            devices,
+            store,
+            cancel: AtomicBool::new(false),
+            maintenance: Mutex::new(()),
+        }
+    }
+
+    /// Answers one request line with one response line (newline included). Never fails: every
+    /// error becomes an `{"ok":false}` response.
+    pub(super) fn handle_line(&self, line: &[u8]) -> Vec<u8> {
+        match parse(line) {
+            (id, Ok((entry, args))) => (entry.answer)(self, id, args),
+            (id, Err(e)) => respond::<()>(id, Err(e)),
+        }
+    }
+
+    /// The named device, or every device.
+    pub(super) fn targets(&self, name: Option<&str>) -> Result<Vec<&Served>, CommandError> {
+        let Some(name) = name else {
+            return Ok(self.devices.iter().map(|s| &**s).collect());
+        };
+        match self.devices.iter().find(|s| s.name == name) {
+            Some(s) => Ok(vec![s]),
+            None => Err(CommandError::UnknownDevice {
+                name: name.to_string(),
+                known: (self.devices.iter().map(|s| s.name.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// A maintenance pass over the named device or every device, one pass at a time. `pass`
+    /// gets each device and what is left of `budget` (pages over all devices). Once the
+    /// budget is spent, the devices are still passed (with 0 left) and listed: every command
+    /// says what it did. A shutdown ends the pass after the current device.
+    pub(super) fn each_device<T>(
+        &self,
+        name: Option<&str>,
+        budget: Option<u64>,
+        messages: Messages,
+        mut pass: impl FnMut(&Served, Option<u64>) -> Result<Outcome<T>, zram::Error>,
+    ) -> Result<Devices<T>, CommandError> {
+        let targets = self.targets(name)?;
+        let _one_at_a_time = self.maintenance.lock();
+        let mut reply = Devices {
+            devices: Vec::new(),
+            skipped: Vec::new(),
+        };
+        let mut used = 0u64;
+        for s in targets {
+            let left = budget.map(|b| b.saturating_sub(used));
+            let outcome = pass(s, left).map_err(|source| CommandError::Device {
+                device: s.name.clone(),
+                source,
+            })?;
+            match outcome {
+                Outcome::Done(entry, pages) => {
+                    used += pages;
+                    reply.devices.push(entry);
+                }
+                Outcome::Skipped(reason) => {
+                    let name = s.name.clone();
+                    reply.skipped.push(Skipped { name, reason });
+                    continue;
+                }
+            }
+            if self.cancel.load(Relaxed) {
+                let done = (messages.stopped)(used);
+                return Err(CommandError::Stopped { done });
+            }
+        }
+        if reply.devices.is_empty() && !reply.skipped.is_empty() {
+            return Err(CommandError::NoEligibleDevice(messages.none_eligible));
+        }
+        Ok(reply)
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::proto::*;
+
+    /// The daemon's answer to one line, from a daemon without devices.
+    fn answer(line: impl AsRef<[u8]>) -> Value {
+        let store = Store::new(zram::StoreConfig {
+            capacity_pages: 64,
+            ..Default::default()
+        });
+        let ctx = Context::new(Vec::new(), Arc::new(store.unwrap()));
+        let out = ctx.handle_line(line.as_ref());
+        assert_eq!(out.last(), Some(&b'\n'));
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    fn error(line: impl AsRef<[u8]>) -> String {
+        let a = answer(line);
+        assert_eq!(a["ok"], false, "{a}");
+        a["error"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn every_listed_command_is_answered() {
+        let minimal = [
+            r#"{"cmd":"stat"}"#,
+            r#"{"cmd":"compact"}"#,
+            r#"{"cmd":"idle"}"#,
+            r#"{"cmd":"recompress","type":"huge"}"#,
+            r#"{"cmd":"writeback","type":"idle"}"#,
+            r#"{"cmd":"writeback_limit"}"#,
+            r#"{"cmd":"mem_limit","bytes":0}"#,
+            r#"{"cmd":"reset_mem_used_max"}"#,
+        ];
+        assert_eq!(
+            names(),
+            [
+                "stat",
+                "compact",
+                "idle",
+                "recompress",
+                "writeback",
+                "writeback_limit",
+                "mem_limit",
+                "reset_mem_used_max"
+            ]
+        );
+        for line in minimal {
+            let a = answer(line);
+            assert_eq!(a["ok"], true, "{line}: {a}");
+            assert!(a["result"].is_object(), "{line}: {a}");
+        }
+    }
+
+    /// What the client sends is what the server reads.
+    #[test]
+    fn requests_round_trip() {
+        fn check<C: Command + PartialEq>(cmd: C, want: &str) {
+            let line = request_line(&cmd);
+            assert_eq!(line, want);
+            let (id, found) = parse(line.as_bytes());
+            let (entry, args) = found.unwrap();
+            assert_eq!((id, entry.name), (None, C::NAME));
+            assert_eq!(
+                serde_json::from_value::<C>(Value::Object(args)).unwrap(),
+                cmd
+            );
+        }
+        check(Stat {}, r#"{"cmd":"stat"}"#);
+        check(
+            Idle {
+                device: Some("vz0".into()),
+                age_secs: Some(60),
+            },
+            r#"{"cmd":"idle","device":"vz0","age_secs":60}"#,
+        );
+        check(
+            Recompress {
+                device: None,
+                page_type: PageType::HugeIdle,
+                threshold: Some(1000),
+                max_pages: Some(5),
+                priority: Some(2),
+            },
+            r#"{"cmd":"recompress","type":"huge_idle","threshold":1000,"max_pages":5,"priority":2}"#,
+        );
+        check(
+            Writeback {
+                device: Some("a".into()),
+                page_type: PageType::Incompressible,
+                limit_pages: Some(7),
+            },
+            r#"{"cmd":"writeback","device":"a","type":"incompressible","limit_pages":7}"#,
+        );
+        check(
+            WritebackLimit {
+                device: None,
+                pages: None,
+            },
+            r#"{"cmd":"writeback_limit","pages":null}"#,
+        );
+        check(
+            MemLimit { bytes: 1 << 30 },
+            r#"{"cmd":"mem_limit","bytes":1073741824}"#,
+        );
+        check(ResetMemUsedMax {}, r#"{"cmd":"reset_mem_used_max"}"#);
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        assert!(error("{").starts_with("malformed JSON"));
+        assert!(error("").starts_with("malformed JSON"));
+        assert!(error("[1]").contains("must be a JSON object"));
+        assert!(error(r#"{"id":1}"#).contains("must be a JSON object with a \"cmd\""));
+        assert!(error(r#"{"cmd":7}"#).contains("must be a string"));
+        let e = error(r#"{"cmd":"frob"}"#);
+        assert_eq!(
+            e,
+            "unknown command \"frob\" (commands: stat, compact, idle, recompress, writeback, \
+             writeback_limit, mem_limit, reset_mem_used_max)"
+        );
+        assert_eq!(
+            error(r#"{"cmd":"stat","x":1}"#),
+            "bad request for \"stat\": unknown field `x`, there are no fields"
+        );
+        assert!(error(r#"{"cmd":"idle","devce":"vz0"}"#).contains("unknown field `devce`"));
+        assert!(error(r#"{"cmd":"mem_limit"}"#).contains("missing field `bytes`"));
+        assert!(error(r#"{"cmd":"mem_limit","bytes":-1}"#).contains("mem_limit"));
+        assert!(error(r#"{"cmd":"writeback","type":"cold"}"#).contains("unknown variant"));
+        assert!(error(r#"{"cmd":"recompress"}"#).contains("missing field `type`"));
+        // Wrong types.
+        assert!(error(r#"{"cmd":"mem_limit","bytes":"1G"}"#).contains("invalid type: string"));
+        assert!(error(r#"{"cmd":"idle","device":7}"#).contains("invalid type: integer"));
+        assert!(error(r#"{"cmd":"idle","age_secs":1.5}"#).contains("invalid type"));
+        assert!(error(r#"{"cmd":["stat"]}"#).contains("must be a string"));
+        assert!(error(r#"{"cmd":null}"#).contains("must be a string"));
+        // Values the types allow but the command does not.
+        assert!(error(r#"{"cmd":"recompress","type":"idle","priority":0}"#).contains("priority 0"));
+        assert!(error(r#"{"cmd":"idle","device":"vz0"}"#).contains("unknown device \"vz0\""));
+        // Invalid UTF-8, inside a string or outside one.
+        assert!(error("{\"cmd\":\"st\u{0}at\"}").starts_with("malformed JSON"));
+        for bytes in [
+            &b"{\"cmd\":\"st\xffat\"}"[..],
+            b"\xff\xfe",
+            b"{\"cmd\":\"stat\"}\xc3",
+        ] {
+            let e = error(bytes);
+            assert!(e.starts_with("malformed JSON"), "{e}");
+        }
+        // Nothing after the object, and exactly one object.
+        assert!(error(r#"{"cmd":"stat"} {"cmd":"compact"}"#).starts_with("malformed JSON"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        for line in [
+            r#"{"cmd":"stat","cmd":"compact"}"#,
+            r#"{"cmd":"compact","cmd":"stat"}"#,
+            r#"{"cmd":"mem_limit","bytes":1,"bytes":0}"#,
+            r#"{"id":1,"cmd":"stat","id":2}"#,
+            r#"{"cmd":"idle","device":"a","age_secs":1,"device":"a"}"#,
+        ] {
+            let e = error(line);
+            assert!(e.contains("duplicate key"), "{line}: {e}");
+        }
+        assert!(error(r#"{"cmd":"stat","cmd":"compact"}"#).contains(r#"duplicate key "cmd""#));
+        // The same key in different objects is fine.
+        assert_eq!(answer(r#"{"cmd":"stat","id":{"cmd":1}}"#)["ok"], true);
+    }
+
+    #[test]
+    fn id_is_kept_even_for_bad_requests() {
+        assert_eq!(answer(r#"{"cmd":"frob","id":"x"}"#)["id"], "x");
+        assert_eq!(answer(r#"{"cmd":"stat","id":1,"x":2}"#)["id"], 1);
+        let a = answer(r#"{"id":[1,2],"cmd":"stat"}"#);
+        assert_eq!(
+            (&a["id"], &a["ok"]),
+            (&serde_json::json!([1, 2]), &Value::Bool(true))
+        );
+        assert!(answer(r#"{"cmd":"stat"}"#).get("id").is_none());
+    }
+}
