@@ -174,9 +174,13 @@ pub(super) enum Outcome<T> {
     Skipped(String),
 }
 
-/// What [`Context::each_device`] says when a pass is stopped or finds nothing to act on.
-pub(super) struct Messages {
-    /// What was done before the stop, given the pages used.
+/// A maintenance pass for [`Context::each_device`].
+pub(super) struct Pass<'a> {
+    /// The device named, or `None`: every device.
+    pub device: Option<&'a str>,
+    /// Pages the pass may use over all devices.
+    pub budget: Option<u64>,
+    /// What was done before a shutdown stopped the pass, given the pages used.
     pub stopped: fn(u64) -> String,
     /// Why no device was eligible.
     pub none_eligible: String,
@@ -217,18 +221,16 @@ impl Context {
         }
     }
 
-    /// A maintenance pass over the named device or every device, one pass at a time. `pass`
-    /// gets each device and what is left of `budget` (pages over all devices). Once the
-    /// budget is spent, the devices are still passed (with 0 left) and listed: every command
-    /// says what it did. A shutdown ends the pass after the current device.
+    /// A maintenance pass over the named device or every device, one pass at a time. `run`
+    /// gets each device and what is left of the budget. Once the budget is spent, the devices
+    /// are still passed (with 0 left) and listed: every command says what it did. A shutdown
+    /// ends the pass after the current device.
     pub(super) fn each_device<T>(
         &self,
-        name: Option<&str>,
-        budget: Option<u64>,
-        messages: Messages,
-        mut pass: impl FnMut(&Served, Option<u64>) -> Result<Outcome<T>, zram::Error>,
+        pass: Pass,
+        mut run: impl FnMut(&Served, Option<u64>) -> Result<Outcome<T>, zram::Error>,
     ) -> Result<Devices<T>, CommandError> {
-        let targets = self.targets(name)?;
+        let targets = self.targets(pass.device)?;
         let _one_at_a_time = self.maintenance.lock();
         let mut reply = Devices {
             devices: Vec::new(),
@@ -236,8 +238,8 @@ impl Context {
         };
         let mut used = 0u64;
         for s in targets {
-            let left = budget.map(|b| b.saturating_sub(used));
-            let outcome = pass(s, left).map_err(|source| CommandError::Device {
+            let left = pass.budget.map(|b| b.saturating_sub(used));
+            let outcome = run(s, left).map_err(|source| CommandError::Device {
                 device: s.name.clone(),
                 source,
             })?;
@@ -253,12 +255,12 @@ impl Context {
                 }
             }
             if self.cancel.load(Relaxed) {
-                let done = (messages.stopped)(used);
+                let done = (pass.stopped)(used);
                 return Err(CommandError::Stopped { done });
             }
         }
         if reply.devices.is_empty() && !reply.skipped.is_empty() {
-            return Err(CommandError::NoEligibleDevice(messages.none_eligible));
+            return Err(CommandError::NoEligibleDevice(pass.none_eligible));
         }
         Ok(reply)
     }

@@ -13,7 +13,7 @@
 //! command there. Adding a command: its type and [`Command`] impl here, an entry in
 //! `COMMANDS`, and in `client.rs` a subcommand and a `Render` impl.
 
-use super::dispatch::{CommandError, Context, Entry, Messages, Outcome};
+use super::dispatch::{CommandError, Context, Entry, Outcome, Pass};
 use crate::counters::QueueStats;
 use crate::served::Served;
 use serde::de::DeserializeOwned;
@@ -368,14 +368,16 @@ impl Command for Recompress {
             })
             .transpose()?;
         let every = self.device.is_none();
-        let pass = Messages {
+        let pass = Pass {
+            device: self.device.as_deref(),
+            budget: self.max_pages,
             stopped: |n| format!("recompression stopped after {n} pages tried"),
             none_eligible: format!(
                 "no device has a recompression algorithm with priority {prio} \
                  (start the daemon with --recomp)"
             ),
         };
-        ctx.each_device(self.device.as_deref(), self.max_pages, pass, |s, left| {
+        ctx.each_device(pass, |s, left| {
             // Every device when none was named: those without this algorithm are left out;
             // a named one without it is an error (from zram).
             if every && s.device.comp().backend(prio).is_none() {
@@ -426,12 +428,14 @@ impl Command for Writeback {
     type Reply = Devices<WritebackDevice>;
     fn run(self, ctx: &Context) -> Result<Devices<WritebackDevice>, CommandError> {
         let every = self.device.is_none();
-        let pass = Messages {
+        let pass = Pass {
+            device: self.device.as_deref(),
+            budget: self.limit_pages,
             stopped: |n| format!("writeback stopped after {n} pages written"),
             none_eligible: "no device has a backing file (start the daemon with --backing-file)"
                 .into(),
         };
-        ctx.each_device(self.device.as_deref(), self.limit_pages, pass, |s, left| {
+        ctx.each_device(pass, |s, left| {
             match s.device.writeback(self.page_type.into(), left, &ctx.cancel) {
                 Ok(n) => {
                     let name = s.name.clone();
