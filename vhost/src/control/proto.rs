@@ -285,7 +285,7 @@ impl Command for Idle {
 }
 
 /// `all` (`None`) or an age in seconds: a number with an optional s, m, h or d suffix.
-pub fn parse_age(s: &str) -> Result<Option<u64>, String> {
+fn parse_age(s: &str) -> Result<Option<u64>, String> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("all") {
         return Ok(None);
