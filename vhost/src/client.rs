@@ -3,7 +3,6 @@
 
 use crate::control::proto::*;
 use crate::table::{self, human_size};
-use serde::de::DeserializeOwned;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -73,64 +72,14 @@ impl Connection {
     pub fn timeout_secs(&self) -> u64 {
         self.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS)
     }
-}
 
-/// The argument of `vzram idle`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IdleAge {
-    /// Every stored page.
-    All,
-    /// Pages not accessed for at least this long.
-    Older(Duration),
-}
-
-/// The argument of `vzram writeback-limit`: a budget in pages, or none.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WritebackBudget(pub Option<u64>);
-
-/// Parses `all` or an age: a number with an optional s, m, h or d suffix (seconds without).
-pub fn parse_age(s: &str) -> Result<IdleAge, String> {
-    let t = s.trim();
-    if t.eq_ignore_ascii_case("all") {
-        return Ok(IdleAge::All);
+    pub fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(self.path(), self.timeout_secs())
     }
-    let (num, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_lowercase()),
-        _ => (t, 's'),
-    };
-    let scale = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86400,
-        _ => {
-            return Err(format!(
-                "{s:?}: expected `all` or an age like 30s, 5m, 1h or 2d"
-            ));
-        }
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .map(|secs| IdleAge::Older(Duration::from_secs(secs)))
-        .ok_or_else(|| format!("{s:?}: expected `all` or an age like 30s, 5m, 1h or 2d"))
 }
 
-/// A size with an optional K, M, G or T suffix, as zram takes it.
-fn parse_size(s: &str) -> Result<u64, String> {
-    zram::parse_size(s).map_err(|e| e.to_string())
-}
-
-fn parse_budget(s: &str) -> Result<WritebackBudget, String> {
-    if s.eq_ignore_ascii_case("none") {
-        return Ok(WritebackBudget(None));
-    }
-    s.parse()
-        .map(|n| WritebackBudget(Some(n)))
-        .map_err(|_| format!("{s:?}: expected a number of pages or `none`"))
-}
-
-/// The subcommands that control a running daemon.
+/// The subcommands that control a running daemon. Each sends its command (the arguments are
+/// the command's own fields, see [`crate::control::proto`]) and prints the reply.
 #[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand)]
 pub enum ClientCommand {
     /// Show the devices, their memory use and I/O counters
@@ -153,26 +102,14 @@ pub enum ClientCommand {
     /// Moves compressed pages out of partly used allocator pages so that those pages can be
     /// freed, like writing to zram's `compact`. The daemon also compacts by itself when
     /// enough pages can be freed.
-    Compact {
-        #[command(flatten)]
-        conn: Connection,
-    },
+    Compact(Call<Compact>),
 
     /// Mark stored pages idle
     ///
     /// Like zram's `idle` file: marks every stored page (`all`), or those the guest has not
     /// read or written for at least AGE. `recompress --type idle` and `writeback --type idle`
     /// then act on them. A page loses its mark when it is accessed.
-    Idle {
-        /// `all`, or an age: 30s, 5m, 1h, 2d (a bare number is seconds)
-        #[arg(value_parser = parse_age)]
-        age: IdleAge,
-        /// Only this device [default: every device]
-        #[arg(long, value_name = "NAME")]
-        device: Option<String>,
-        #[command(flatten)]
-        conn: Connection,
-    },
+    Idle(Call<Idle>),
 
     /// Recompress pages with a secondary algorithm
     ///
@@ -182,26 +119,7 @@ pub enum ClientCommand {
     /// incompressible. Guest I/O goes on meanwhile. The daemon answers when the pass is done.
     ///
     /// Typical use: `vzram idle 1h && vzram recompress --type idle`.
-    Recompress {
-        /// Only this device [default: every device with such an algorithm]
-        #[arg(long, value_name = "NAME")]
-        device: Option<String>,
-        /// Which pages
-        #[arg(long = "type", value_name = "TYPE", value_enum, default_value_t = PageType::Idle)]
-        page_type: PageType,
-        /// Only pages whose compressed size is at least this many bytes (K suffix allowed)
-        #[arg(long, value_name = "BYTES", value_parser = parse_size)]
-        threshold: Option<u64>,
-        /// Try at most this many pages
-        #[arg(long, value_name = "N")]
-        max_pages: Option<u64>,
-        /// Which recompression algorithm, by priority (1..=3)
-        #[arg(long, value_name = "P", default_value_t = 1,
-              value_parser = clap::value_parser!(u8).range(1..=3))]
-        priority: u8,
-        #[command(flatten)]
-        conn: Connection,
-    },
+    Recompress(Call<Recompress>),
 
     /// Move pages to the backing file
     ///
@@ -210,34 +128,13 @@ pub enum ClientCommand {
     /// such a page later reads it back from the file. The writeback limit, if set, caps it.
     ///
     /// Typical use: `vzram idle 1d && vzram writeback --type idle`.
-    Writeback {
-        /// Only this device [default: every device with a backing file]
-        #[arg(long, value_name = "NAME")]
-        device: Option<String>,
-        /// Which pages
-        #[arg(long = "type", value_name = "TYPE", value_enum, default_value_t = PageType::Idle)]
-        page_type: PageType,
-        /// Write at most this many pages
-        #[arg(long, value_name = "PAGES")]
-        limit: Option<u64>,
-        #[command(flatten)]
-        conn: Connection,
-    },
+    Writeback(Call<Writeback>),
 
     /// Set or remove the writeback budget
     ///
     /// Like zram's `writeback_limit`: writeback may write at most PAGES more pages (each
     /// page written uses one up) until the budget is set again; `none` removes the budget.
-    WritebackLimit {
-        /// A number of 4 KiB pages, or `none`
-        #[arg(value_name = "PAGES|none", value_parser = parse_budget)]
-        pages: WritebackBudget,
-        /// Only this device [default: every device]
-        #[arg(long, value_name = "NAME")]
-        device: Option<String>,
-        #[command(flatten)]
-        conn: Connection,
-    },
+    WritebackLimit(Call<WritebackLimit>),
 
     /// Set the memory limit of the store
     ///
@@ -245,78 +142,37 @@ pub enum ClientCommand {
     /// `mem_limit`. A guest write that would exceed it fails (the guest sees an I/O error on
     /// that request, typically a swap-out error); nothing stored is lost. Lowering the limit
     /// below current use frees nothing by itself.
-    MemLimit {
-        /// Bytes, with an optional K, M, G or T suffix (e.g. 2G); 0 removes the limit
-        #[arg(value_parser = parse_size)]
-        size: u64,
-        #[command(flatten)]
-        conn: Connection,
-    },
+    MemLimit(Call<MemLimit>),
 
     /// Reset mem_used_max to the memory in use now
-    ResetMemUsedMax {
-        #[command(flatten)]
-        conn: Connection,
-    },
+    ResetMemUsedMax(Call<ResetMemUsedMax>),
 }
 
-impl ClientCommand {
-    fn conn(&self) -> &Connection {
-        match self {
-            ClientCommand::Stat { conn, .. }
-            | ClientCommand::Compact { conn }
-            | ClientCommand::Idle { conn, .. }
-            | ClientCommand::Recompress { conn, .. }
-            | ClientCommand::Writeback { conn, .. }
-            | ClientCommand::WritebackLimit { conn, .. }
-            | ClientCommand::MemLimit { conn, .. }
-            | ClientCommand::ResetMemUsedMax { conn } => conn,
-        }
-    }
+/// A command's arguments and where to send it.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct Call<C: clap::Args> {
+    #[command(flatten)]
+    pub args: C,
+    #[command(flatten)]
+    pub conn: Connection,
+}
 
-    /// The request this command sends.
-    pub fn request(&self) -> Request {
-        match self.clone() {
-            ClientCommand::Stat { .. } => Request::Stat,
-            ClientCommand::Compact { .. } => Request::Compact,
-            ClientCommand::Idle { age, device, .. } => Request::Idle {
-                device,
-                age_secs: match age {
-                    IdleAge::All => None,
-                    IdleAge::Older(d) => Some(d.as_secs()),
-                },
-            },
-            ClientCommand::Recompress {
-                device,
-                page_type,
-                threshold,
-                max_pages,
-                priority,
-                ..
-            } => Request::Recompress {
-                device,
-                page_type,
-                threshold,
-                max_pages,
-                priority: Some(priority),
-            },
-            ClientCommand::Writeback {
-                device,
-                page_type,
-                limit,
-                ..
-            } => Request::Writeback {
-                device,
-                page_type,
-                limit_pages: limit,
-            },
-            ClientCommand::WritebackLimit { pages, device, .. } => Request::WritebackLimit {
-                device,
-                pages: pages.0,
-            },
-            ClientCommand::MemLimit { size, .. } => Request::MemLimit { bytes: size },
-            ClientCommand::ResetMemUsedMax { .. } => Request::ResetMemUsedMax,
-        }
+/// How the client prints a command's reply.
+pub trait Render: Command {
+    /// The text for the operator; empty when the daemon had no device to act on.
+    fn render(reply: &Self::Reply) -> String;
+}
+
+impl<C: Render + clap::Args> Call<C> {
+    fn run(&self) -> Result<String, ClientError> {
+        let text = C::render(&self.conn.connect()?.call(&self.args)?);
+        // The per-device commands list no line when the daemon has no device to act on; the
+        // operator still gets an answer.
+        Ok(if text.is_empty() {
+            format!("{}: no device\n", C::NAME)
+        } else {
+            text
+        })
     }
 }
 
@@ -363,27 +219,20 @@ impl Client {
         }
     }
 
-    /// Sends one line (a newline is added) and reads the response line.
-    pub fn call_raw(&mut self, line: &str) -> Result<Response<serde_json::Value>, ClientError> {
-        let mut msg = line.as_bytes().to_vec();
-        msg.push(b'\n');
-        self.stream
-            .get_mut()
-            .write_all(&msg)
-            .map_err(|e| self.io(e))?;
+    /// Sends a command; the daemon's reply, or its error as [`ClientError::Server`].
+    pub fn call<C: Command>(&mut self, cmd: &C) -> Result<C::Reply, ClientError> {
+        let mut msg = request_line(cmd);
+        msg.push('\n');
+        (self.stream.get_mut().write_all(msg.as_bytes())).map_err(|e| self.io(e))?;
         let mut answer = String::new();
         match self.stream.read_line(&mut answer) {
             Ok(0) => return Err(ClientError::Closed),
             Ok(_) => {}
             Err(e) => return Err(self.io(e)),
         }
-        serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(format!("{e}: {answer}")))
-    }
-
-    /// Sends a request; the daemon's `result` as `T`, or its error as [`ClientError::Server`].
-    pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> Result<T, ClientError> {
-        let line = serde_json::to_string(req).expect("requests serialise");
-        let response = self.call_raw(&line)?;
+        let protocol = |e: serde_json::Error| ClientError::Protocol(format!("{e}: {answer}"));
+        let response: Response<serde_json::Value> =
+            serde_json::from_str(&answer).map_err(protocol)?;
         if !response.ok {
             return Err(ClientError::Server(
                 response
@@ -396,10 +245,6 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol("no result".into()))?;
         serde_json::from_value(result).map_err(|e| ClientError::Protocol(e.to_string()))
     }
-
-    pub fn stat(&mut self) -> Result<StatReply, ClientError> {
-        self.call(&Request::Stat)
-    }
 }
 
 /// Runs a client subcommand and prints its result on stdout. The caller prints an error as
@@ -410,12 +255,9 @@ pub fn run(cmd: ClientCommand) -> Result<(), ClientError> {
 
 /// [`run`], printing to `out`.
 pub fn run_to(cmd: ClientCommand, out: &mut dyn Write) -> Result<(), ClientError> {
-    let conn = cmd.conn();
-    let mut client = Client::connect(conn.path(), conn.timeout_secs())?;
-    let req = cmd.request();
-    let mut text = match cmd {
-        ClientCommand::Stat { json, .. } => {
-            let r: StatReply = client.call(&req)?;
+    let text = match cmd {
+        ClientCommand::Stat { json, conn } => {
+            let r = conn.connect()?.call(&Stat {})?;
             if json {
                 let mut s = serde_json::to_string_pretty(&r).expect("replies serialise");
                 s.push('\n');
@@ -424,91 +266,90 @@ pub fn run_to(cmd: ClientCommand, out: &mut dyn Write) -> Result<(), ClientError
                 table::render(&r)
             }
         }
-        ClientCommand::Compact { .. } => {
-            let r: CompactReply = client.call(&req)?;
-            format!(
-                "compaction freed {} pages ({}); {} pages compacted since the daemon started\n",
-                r.pages_freed,
-                human_size(r.pages_freed * zram::PAGE_SIZE as u64),
-                r.pages_compacted
-            )
-        }
-        ClientCommand::Idle { .. } => {
-            let r: IdleReply = client.call(&req)?;
-            r.devices
-                .iter()
-                .map(|d| format!("{}: {} pages marked idle\n", d.name, d.marked))
-                .collect()
-        }
-        ClientCommand::Recompress { .. } => {
-            let r: RecompressReply = client.call(&req)?;
-            let mut s: String = r
-                .devices
-                .iter()
-                .map(|d| {
-                    format!(
-                        "{}: {} pages tried, {} recompressed\n",
-                        d.name, d.tried, d.recompressed
-                    )
-                })
-                .collect();
-            s.extend(skipped(&r.skipped));
-            s
-        }
-        ClientCommand::Writeback { .. } => {
-            let r: WritebackReply = client.call(&req)?;
-            let mut s: String = r
-                .devices
-                .iter()
-                .map(|d| {
-                    format!(
-                        "{}: {} pages written back ({})\n",
-                        d.name,
-                        d.written,
-                        human_size(d.written * zram::PAGE_SIZE as u64)
-                    )
-                })
-                .collect();
-            s.extend(skipped(&r.skipped));
-            s
-        }
-        ClientCommand::WritebackLimit { .. } => {
-            let r: WritebackLimitReply = client.call(&req)?;
-            let limit = match r.pages {
-                Some(p) => format!("writeback limit {p} pages"),
-                None => "no writeback limit".into(),
-            };
-            r.devices
-                .iter()
-                .map(|name| format!("{name}: {limit}\n"))
-                .collect()
-        }
-        ClientCommand::MemLimit { .. } => {
-            let r: MemLimitReply = client.call(&req)?;
-            match r.mem_limit {
-                0 => "mem_limit: none\n".to_string(),
-                l => format!("mem_limit: {} ({l} bytes)\n", human_size(l)),
-            }
-        }
-        ClientCommand::ResetMemUsedMax { .. } => {
-            let r: ResetMemUsedMaxReply = client.call(&req)?;
-            format!("mem_used_max reset to {}\n", human_size(r.mem_used_max))
-        }
+        ClientCommand::Compact(c) => c.run()?,
+        ClientCommand::Idle(c) => c.run()?,
+        ClientCommand::Recompress(c) => c.run()?,
+        ClientCommand::Writeback(c) => c.run()?,
+        ClientCommand::WritebackLimit(c) => c.run()?,
+        ClientCommand::MemLimit(c) => c.run()?,
+        ClientCommand::ResetMemUsedMax(c) => c.run()?,
     };
-    // The per-device commands list no line when the daemon has no device to act on; the
-    // operator still gets an answer.
-    if text.is_empty() {
-        let value = serde_json::to_value(&req).expect("requests serialise");
-        text = format!("{}: no device\n", value["cmd"].as_str().unwrap_or("done"));
-    }
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .map_err(ClientError::Output)
 }
 
-fn skipped(list: &[Skipped]) -> impl Iterator<Item = String> + '_ {
-    list.iter()
-        .map(|s| format!("{}: skipped: {}\n", s.name, s.reason))
+impl Render for Compact {
+    fn render(r: &CompactReply) -> String {
+        format!(
+            "compaction freed {} pages ({}); {} pages compacted since the daemon started\n",
+            r.pages_freed,
+            human_size(r.pages_freed * zram::PAGE_SIZE as u64),
+            r.pages_compacted
+        )
+    }
+}
+
+/// A line per device, then one per device skipped.
+fn per_device<T>(r: &Devices<T>, line: impl Fn(&T) -> String) -> String {
+    let skipped = (r.skipped.iter()).map(|s| format!("{}: skipped: {}\n", s.name, s.reason));
+    r.devices.iter().map(line).chain(skipped).collect()
+}
+
+impl Render for Idle {
+    fn render(r: &Devices<IdleDevice>) -> String {
+        per_device(r, |d| {
+            format!("{}: {} pages marked idle\n", d.name, d.marked)
+        })
+    }
+}
+
+impl Render for Recompress {
+    fn render(r: &Devices<RecompressDevice>) -> String {
+        per_device(r, |d| {
+            format!(
+                "{}: {} pages tried, {} recompressed\n",
+                d.name, d.tried, d.recompressed
+            )
+        })
+    }
+}
+
+impl Render for Writeback {
+    fn render(r: &Devices<WritebackDevice>) -> String {
+        per_device(r, |d| {
+            let size = human_size(d.written * zram::PAGE_SIZE as u64);
+            format!("{}: {} pages written back ({size})\n", d.name, d.written)
+        })
+    }
+}
+
+impl Render for WritebackLimit {
+    fn render(r: &WritebackLimitReply) -> String {
+        let limit = match r.pages {
+            Some(p) => format!("writeback limit {p} pages"),
+            None => "no writeback limit".into(),
+        };
+        r.devices
+            .iter()
+            .map(|d| format!("{d}: {limit}\n"))
+            .collect()
+    }
+}
+
+impl Render for MemLimit {
+    fn render(r: &MemLimitReply) -> String {
+        match r.mem_limit {
+            0 => "mem_limit: none\n".to_string(),
+            l => format!("mem_limit: {} ({l} bytes)\n", human_size(l)),
+        }
+    }
+}
+
+impl Render for ResetMemUsedMax {
+    fn render(r: &ResetMemUsedMaxReply) -> String {
+        format!("mem_used_max reset to {}\n", human_size(r.mem_used_max))
+    }
 }
 
 #[cfg(test)]
@@ -576,106 +417,68 @@ mod tests {
     }
 
     #[test]
-    fn cli_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn ages() {
-        assert_eq!(parse_age("all"), Ok(IdleAge::All));
-        assert_eq!(parse_age("90"), Ok(IdleAge::Older(Duration::from_secs(90))));
-        assert_eq!(
-            parse_age("30s"),
-            Ok(IdleAge::Older(Duration::from_secs(30)))
-        );
-        assert_eq!(
-            parse_age("5m"),
-            Ok(IdleAge::Older(Duration::from_secs(300)))
-        );
-        assert_eq!(
-            parse_age("1h"),
-            Ok(IdleAge::Older(Duration::from_secs(3600)))
-        );
-        assert_eq!(
-            parse_age("2D"),
-            Ok(IdleAge::Older(Duration::from_secs(172800)))
-        );
-        for bad in ["", "h", "1.5h", "-1", "3w", "99999999999999999999d"] {
-            assert!(parse_age(bad).is_err(), "{bad}");
+    fn commands_send_their_request_lines() {
+        let line = |args: &[&str]| match parse(args).unwrap() {
+            ClientCommand::Stat { .. } => request_line(&Stat {}),
+            ClientCommand::Compact(c) => request_line(&c.args),
+            ClientCommand::Idle(c) => request_line(&c.args),
+            ClientCommand::Recompress(c) => request_line(&c.args),
+            ClientCommand::Writeback(c) => request_line(&c.args),
+            ClientCommand::WritebackLimit(c) => request_line(&c.args),
+            ClientCommand::MemLimit(c) => request_line(&c.args),
+            ClientCommand::ResetMemUsedMax(c) => request_line(&c.args),
+        };
+        for (args, want) in [
+            (&["stat", "--json"][..], r#"{"cmd":"stat"}"#),
+            (&["compact"], r#"{"cmd":"compact"}"#),
+            (
+                &["idle", "1h", "--device", "vz1"],
+                r#"{"cmd":"idle","device":"vz1","age_secs":3600}"#,
+            ),
+            (&["idle", "all"], r#"{"cmd":"idle"}"#),
+            (&["idle", "90"], r#"{"cmd":"idle","age_secs":90}"#),
+            (&["idle", "30s"], r#"{"cmd":"idle","age_secs":30}"#),
+            (&["idle", "5m"], r#"{"cmd":"idle","age_secs":300}"#),
+            (&["idle", "2D"], r#"{"cmd":"idle","age_secs":172800}"#),
+            (
+                &["recompress"],
+                r#"{"cmd":"recompress","type":"idle","priority":1}"#,
+            ),
+            (
+                &[
+                    "recompress",
+                    "--type",
+                    "huge-idle",
+                    "--threshold",
+                    "1K",
+                    "--max-pages",
+                    "10",
+                    "--priority",
+                    "2",
+                ],
+                r#"{"cmd":"recompress","type":"huge_idle","threshold":1024,"max_pages":10,"priority":2}"#,
+            ),
+            (
+                &["writeback", "--type", "huge", "--limit", "100"],
+                r#"{"cmd":"writeback","type":"huge","limit_pages":100}"#,
+            ),
+            (
+                &["writeback-limit", "none", "--device", "vz0"],
+                r#"{"cmd":"writeback_limit","device":"vz0","pages":null}"#,
+            ),
+            (
+                &["writeback-limit", "7"],
+                r#"{"cmd":"writeback_limit","pages":7}"#,
+            ),
+            (
+                &["mem-limit", "2G"],
+                r#"{"cmd":"mem_limit","bytes":2147483648}"#,
+            ),
+            (&["mem-limit", "0"], r#"{"cmd":"mem_limit","bytes":0}"#),
+            (&["reset-mem-used-max"], r#"{"cmd":"reset_mem_used_max"}"#),
+        ] {
+            assert_eq!(line(args), want, "{args:?}");
         }
-    }
-
-    #[test]
-    fn commands_map_to_requests() {
-        let req = |args: &[&str]| parse(args).unwrap().request();
-        assert_eq!(req(&["stat", "--json"]), Request::Stat);
-        assert_eq!(
-            req(&["idle", "1h", "--device", "vz1"]),
-            Request::Idle {
-                device: Some("vz1".into()),
-                age_secs: Some(3600)
-            }
-        );
-        assert_eq!(
-            req(&["idle", "all"]),
-            Request::Idle {
-                device: None,
-                age_secs: None
-            }
-        );
-        assert_eq!(
-            req(&["recompress"]),
-            Request::Recompress {
-                device: None,
-                page_type: PageType::Idle,
-                threshold: None,
-                max_pages: None,
-                priority: Some(1)
-            }
-        );
-        assert_eq!(
-            req(&[
-                "recompress",
-                "--type",
-                "huge_idle",
-                "--threshold",
-                "1K",
-                "--max-pages",
-                "10",
-                "--priority",
-                "2"
-            ]),
-            Request::Recompress {
-                device: None,
-                page_type: PageType::HugeIdle,
-                threshold: Some(1024),
-                max_pages: Some(10),
-                priority: Some(2)
-            }
-        );
-        assert_eq!(
-            req(&["writeback", "--type", "huge", "--limit", "100"]),
-            Request::Writeback {
-                device: None,
-                page_type: PageType::Huge,
-                limit_pages: Some(100)
-            }
-        );
-        assert_eq!(
-            req(&["writeback-limit", "none"]),
-            Request::WritebackLimit {
-                device: None,
-                pages: None
-            }
-        );
-        assert_eq!(
-            req(&["mem-limit", "2G"]),
-            Request::MemLimit { bytes: 2 << 30 }
-        );
-        assert_eq!(req(&["mem-limit", "0"]), Request::MemLimit { bytes: 0 });
-        assert_eq!(req(&["reset-mem-used-max"]), Request::ResetMemUsedMax);
-        assert_eq!(req(&["compact"]), Request::Compact);
     }
 
     #[test]
@@ -687,7 +490,14 @@ mod tests {
             &["recompress", "--priority", "4"],
             &["recompress", "--type", "cold"],
             &["writeback-limit", "many"],
+            &["writeback-limit"],
             &["idle"],
+            &["idle", ""],
+            &["idle", "h"],
+            &["idle", "1.5h"],
+            &["idle", "-1"],
+            &["idle", "3w"],
+            &["idle", "99999999999999999999d"],
         ] {
             let e = parse(args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
-use vzram::client::{Client, ClientCommand, ClientError, Connection, IdleAge, run_to};
+use vzram::client::{Call, Client, ClientCommand, ClientError, Connection, run_to};
 use vzram::control::{
-    CompactReply, ControlError, ControlHandle, IdleReply, MemLimitReply, PageType, RecompressReply,
-    Request, ResetMemUsedMaxReply, Server, ServerConfig, StatReply, WritebackLimitReply,
-    WritebackReply,
+    Compact, ControlError, ControlHandle, Devices, Idle, MemLimit, PageType, Recompress,
+    RecompressDevice, ResetMemUsedMax, Server, ServerConfig, Stat, StatReply, Writeback,
+    WritebackLimit,
 };
 use vzram::served::Served;
 use zram::{Device, PAGE_SIZE, Store};
@@ -259,7 +259,7 @@ fn stat_matches_the_devices() {
     f.served[1].connections.store(2, Relaxed);
     f.store.set_mem_limit(64 << 20);
 
-    let stat = f.client().stat().unwrap();
+    let stat = f.client().call(&Stat {}).unwrap();
     assert_eq!(stat.devices.len(), 2);
     for (d, s) in stat.devices.iter().zip(&f.served) {
         assert_eq!(d.name, s.name);
@@ -336,7 +336,7 @@ fn compact_frees_pages() {
     assert!(freeable > 0, "the test needs a fragmented pool");
     let used = f.store.mem_used_total();
 
-    let r: CompactReply = f.client().call(&Request::Compact).unwrap();
+    let r = f.client().call(&Compact {}).unwrap();
     assert!(r.pages_freed > 0);
     assert_eq!(r.pages_compacted, f.store.pages_compacted());
     assert_eq!(f.store.mem_used_total(), used - r.pages_freed * 4096);
@@ -344,7 +344,13 @@ fn compact_frees_pages() {
     for i in (1..2000).step_by(2) {
         check_page(d, i, PageKind::Heap);
     }
-    assert!(printed(ClientCommand::Compact { conn: f.conn() }).starts_with("compaction freed"));
+    assert!(
+        printed(ClientCommand::Compact(Call {
+            args: Compact {},
+            conn: f.conn(),
+        }))
+        .starts_with("compaction freed")
+    );
 }
 
 #[test]
@@ -361,15 +367,15 @@ fn idle_then_recompress_shrinks_pages() {
     let mut c = f.client();
 
     // Freshly written pages are not an hour old.
-    let r: IdleReply = c
-        .call(&Request::Idle {
+    let r = c
+        .call(&Idle {
             device: None,
             age_secs: Some(3600),
         })
         .unwrap();
     assert!(r.devices.iter().all(|d| d.marked == 0), "{r:?}");
-    let r: IdleReply = c
-        .call(&Request::Idle {
+    let r = c
+        .call(&Idle {
             device: Some("vz0".into()),
             age_secs: None,
         })
@@ -381,21 +387,21 @@ fn idle_then_recompress_shrinks_pages() {
     );
 
     let before = f.device(0).stats().mm_stat.compr_data_size;
-    let recompress = |device: Option<&str>, max_pages| Request::Recompress {
+    let recompress = |device: Option<&str>, max_pages| Recompress {
         device: device.map(Into::into),
         page_type: PageType::Idle,
         threshold: None,
         max_pages,
         priority: None,
     };
-    let r: RecompressReply = c.call(&recompress(None, Some(100))).unwrap();
+    let r = c.call(&recompress(None, Some(100))).unwrap();
     // Every device was asked; the one without zstd is skipped, not an error.
     assert_eq!(r.devices.len(), 1);
     assert_eq!(r.devices[0].name, "vz0");
     assert_eq!(r.devices[0].tried, 100);
     assert_eq!(r.skipped.len(), 1);
     assert_eq!(r.skipped[0].name, "plain");
-    let r: RecompressReply = c.call(&recompress(Some("vz0"), None)).unwrap();
+    let r = c.call(&recompress(Some("vz0"), None)).unwrap();
     assert_eq!(r.devices[0].tried, 300, "the rest of the idle pages");
     let after = f.device(0).stats().mm_stat.compr_data_size;
     assert!(
@@ -407,15 +413,13 @@ fn idle_then_recompress_shrinks_pages() {
     }
 
     // Naming a device that cannot recompress is an error; so is a bad priority.
-    let e = c
-        .call::<Value>(&recompress(Some("plain"), None))
-        .unwrap_err();
+    let e = c.call(&recompress(Some("plain"), None)).unwrap_err();
     assert!(
         matches!(&e, ClientError::Server(m) if m.contains("plain")),
         "{e}"
     );
     let e = c
-        .call::<Value>(&Request::Recompress {
+        .call(&Recompress {
             device: None,
             page_type: PageType::Huge,
             threshold: None,
@@ -426,11 +430,13 @@ fn idle_then_recompress_shrinks_pages() {
     assert!(e.to_string().contains("priority 0"), "{e}");
 
     // The command-line path prints a line per device.
-    let text = printed(ClientCommand::Idle {
-        age: IdleAge::All,
-        device: None,
+    let text = printed(ClientCommand::Idle(Call {
+        args: Idle {
+            age_secs: None,
+            device: None,
+        },
         conn: f.conn(),
-    });
+    }));
     assert!(text.contains("vz0: 400 pages marked idle"), "{text}");
     assert!(text.contains("plain: 10 pages marked idle"), "{text}");
 }
@@ -448,44 +454,44 @@ fn writeback_moves_pages_to_the_backing_file() {
     fill(d, 0..100, PageKind::Heap);
     fill(f.device(1), 0..10, PageKind::Heap);
     let mut c = f.client();
-    let writeback = |device: Option<&str>, limit_pages| Request::Writeback {
+    let writeback = |device: Option<&str>, limit_pages| Writeback {
         device: device.map(Into::into),
         page_type: PageType::Idle,
         limit_pages,
     };
 
     // Nothing is idle yet.
-    let r: WritebackReply = c.call(&writeback(None, None)).unwrap();
+    let r = c.call(&writeback(None, None)).unwrap();
     assert_eq!(r.devices[0].written, 0);
     assert_eq!(r.skipped.len(), 1);
     assert_eq!(r.skipped[0].name, "nobacking");
 
-    c.call::<IdleReply>(&Request::Idle {
+    c.call(&Idle {
         device: None,
         age_secs: None,
     })
     .unwrap();
-    let r: WritebackReply = c.call(&writeback(None, Some(10))).unwrap();
+    let r = c.call(&writeback(None, Some(10))).unwrap();
     assert_eq!(r.devices[0].written, 10);
     assert_eq!(d.stats().bd_stat.bd_count, 10);
     assert_eq!(d.stats().bd_stat.bd_writes, 10);
 
     // The writeback budget caps the next pass.
-    let r: WritebackLimitReply = c
-        .call(&Request::WritebackLimit {
+    let r = c
+        .call(&WritebackLimit {
             device: Some("vz0".into()),
             pages: Some(5),
         })
         .unwrap();
     assert_eq!(r.devices, ["vz0"]);
-    let r: WritebackReply = c.call(&writeback(Some("vz0"), None)).unwrap();
+    let r = c.call(&writeback(Some("vz0"), None)).unwrap();
     assert_eq!(r.devices[0].written, 5);
-    c.call::<WritebackLimitReply>(&Request::WritebackLimit {
+    c.call(&WritebackLimit {
         device: None,
         pages: None,
     })
     .unwrap();
-    let r: WritebackReply = c.call(&writeback(Some("vz0"), None)).unwrap();
+    let r = c.call(&writeback(Some("vz0"), None)).unwrap();
     assert_eq!(r.devices[0].written, 85);
     let stats = d.stats();
     assert_eq!(stats.bd_stat.bd_count, 100);
@@ -495,9 +501,7 @@ fn writeback_moves_pages_to_the_backing_file() {
     }
     assert_eq!(d.stats().bd_stat.bd_reads, 100);
 
-    let e = c
-        .call::<Value>(&writeback(Some("nobacking"), None))
-        .unwrap_err();
+    let e = c.call(&writeback(Some("nobacking"), None)).unwrap_err();
     assert!(e.to_string().contains("nobacking: no backing file"), "{e}");
 }
 
@@ -509,7 +513,7 @@ fn no_eligible_device_is_an_error() {
     }]);
     let mut c = f.client();
     let e = c
-        .call::<Value>(&Request::Writeback {
+        .call(&Writeback {
             device: None,
             page_type: PageType::Huge,
             limit_pages: None,
@@ -520,7 +524,7 @@ fn no_eligible_device_is_an_error() {
         "{e}"
     );
     let e = c
-        .call::<Value>(&Request::Recompress {
+        .call(&Recompress {
             device: None,
             page_type: PageType::Huge,
             threshold: Some(2000),
@@ -535,10 +539,10 @@ fn no_eligible_device_is_an_error() {
 fn mem_limit_and_mem_used_max() {
     let f = Fixture::new(&[dev("vz0")]);
     let mut c = f.client();
-    let r: MemLimitReply = c.call(&Request::MemLimit { bytes: 1 << 20 }).unwrap();
+    let r = c.call(&MemLimit { bytes: 1 << 20 }).unwrap();
     assert_eq!(r.mem_limit, 1 << 20);
     assert_eq!(f.store.mem_limit(), 1 << 20);
-    assert_eq!(c.stat().unwrap().store.mem_limit, 1 << 20);
+    assert_eq!(c.call(&Stat {}).unwrap().store.mem_limit, 1 << 20);
     // The limit holds: 1 MiB of pool takes far fewer than 2000 pages.
     let d = f.device(0);
     let mut stream = d.new_stream();
@@ -552,10 +556,10 @@ fn mem_limit_and_mem_used_max() {
     assert!(failed > 0);
     assert!(f.store.mem_used_total() <= 1 << 20);
 
-    let text = printed(ClientCommand::MemLimit {
-        size: 0,
+    let text = printed(ClientCommand::MemLimit(Call {
+        args: MemLimit { bytes: 0 },
         conn: f.conn(),
-    });
+    }));
     assert_eq!(text, "mem_limit: none\n");
     assert_eq!(f.store.mem_limit(), 0);
 
@@ -563,7 +567,7 @@ fn mem_limit_and_mem_used_max() {
     d.discard(0, 2000).unwrap();
     f.store.compact();
     assert!(f.store.mem_used_max() > f.store.mem_used_total());
-    let r: ResetMemUsedMaxReply = c.call(&Request::ResetMemUsedMax).unwrap();
+    let r = c.call(&ResetMemUsedMax {}).unwrap();
     assert_eq!(r.mem_used_max, f.store.mem_used_total());
     assert_eq!(f.store.mem_used_max(), f.store.mem_used_total());
 }
@@ -599,24 +603,26 @@ fn bad_requests_get_errors_and_the_server_keeps_answering() {
     // The same through the client API and the command-line path.
     let e = f
         .client()
-        .call::<Value>(&Request::Idle {
+        .call(&Idle {
             device: Some("nope".into()),
             age_secs: None,
         })
         .unwrap_err();
     assert!(matches!(&e, ClientError::Server(m) if m.contains("unknown device \"nope\"")));
     let e = run_to(
-        ClientCommand::WritebackLimit {
-            pages: vzram::client::WritebackBudget(Some(1)),
-            device: Some("nope".into()),
+        ClientCommand::WritebackLimit(Call {
+            args: WritebackLimit {
+                pages: Some(1),
+                device: Some("nope".into()),
+            },
             conn: f.conn(),
-        },
+        }),
         &mut Vec::new(),
     )
     .unwrap_err();
     assert!(!e.to_string().contains('\n'));
     assert!(e.to_string().contains("unknown device"), "{e}");
-    assert!(f.client().stat().is_ok());
+    assert!(f.client().call(&Stat {}).is_ok());
 }
 
 #[test]
@@ -659,11 +665,11 @@ fn many_clients_at_once() {
                 for i in 0..25 {
                     match (t + i) % 3 {
                         0 => {
-                            let st = c.stat().unwrap();
+                            let st = c.call(&Stat {}).unwrap();
                             assert_eq!(st.devices.len(), 2);
                         }
                         1 => {
-                            c.call::<IdleReply>(&Request::Idle {
+                            c.call(&Idle {
                                 device: Some("vz1".into()),
                                 age_secs: Some(1000),
                             })
@@ -671,7 +677,7 @@ fn many_clients_at_once() {
                         }
                         _ => {
                             let e = c
-                                .call::<Value>(&Request::Idle {
+                                .call(&Idle {
                                     device: Some(format!("missing{t}")),
                                     age_secs: None,
                                 })
@@ -697,7 +703,7 @@ fn many_clients_at_once() {
         });
     });
     drop(idle);
-    assert!(f.client().stat().is_ok());
+    assert!(f.client().call(&Stat {}).is_ok());
 }
 
 #[test]
@@ -728,7 +734,7 @@ fn clients_that_vanish_do_not_hurt_the_server() {
         raw.reader.read_to_string(&mut rest).unwrap();
         assert_eq!(rest, "", "closed after the answer");
     }
-    assert!(f.client().stat().is_ok());
+    assert!(f.client().call(&Stat {}).is_ok());
 }
 
 #[test]
@@ -752,7 +758,7 @@ fn socket_mode_replacement_and_removal() {
     )
     .unwrap_err();
     assert!(matches!(e, ControlError::InUse(_)), "{e}");
-    assert!(f.client().stat().is_ok());
+    assert!(f.client().call(&Stat {}).is_ok());
 
     // Stopping with a client connected: it sees EOF, the socket file goes.
     let mut raw = f.raw();
@@ -773,7 +779,7 @@ fn socket_mode_replacement_and_removal() {
     f.start(|c| c.mode = 0o660, || {});
     let mode = std::fs::metadata(&f.socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o660);
-    assert!(f.client().stat().is_ok());
+    assert!(f.client().call(&Stat {}).is_ok());
     drop(f.handle.take());
     assert!(
         !f.socket.exists(),
@@ -813,7 +819,7 @@ fn background_compaction_runs_when_enough_is_freeable() {
     );
     let mut c = f.client();
     wait_for("background compaction", || {
-        c.stat().unwrap().store.pages_compacted > 0
+        c.call(&Stat {}).unwrap().store.pages_compacted > 0
     });
     assert!(f.store.freeable_pages() < freeable);
     for i in (1..3000).step_by(2) {
@@ -840,7 +846,7 @@ fn background_compaction_waits_for_its_threshold() {
     );
     // Many timer ticks (every 5 ms) in 200 ms.
     std::thread::sleep(Duration::from_millis(200));
-    let st = f.client().stat().unwrap();
+    let st = f.client().call(&Stat {}).unwrap();
     assert_eq!(st.store.pages_compacted, 0);
     assert_eq!(st.store.freeable_pages, freeable as u64);
 }
@@ -863,7 +869,7 @@ fn sigterm_calls_the_shutdown_callback() {
     rx.recv_timeout(DEADLINE)
         .expect("shutdown callback for SIGINT");
     // The control plane keeps serving until the daemon stops it.
-    assert!(f.client().stat().is_ok());
+    assert!(f.client().call(&Stat {}).is_ok());
     f.handle.take().unwrap().stop().unwrap();
     assert!(!f.socket.exists());
 }
@@ -873,12 +879,13 @@ fn unreachable_socket_is_a_clear_error() {
     let dir = TempDir::new();
     let path = dir.0.join("none.ctl");
     let e = run_to(
-        ClientCommand::Compact {
+        ClientCommand::Compact(Call {
+            args: Compact {},
             conn: Connection {
                 control: Some(path.clone()),
                 timeout: None,
             },
-        },
+        }),
         &mut Vec::new(),
     )
     .unwrap_err();
@@ -899,7 +906,7 @@ fn idle_clients_do_not_lock_the_operator_out() {
     // More silent clients than the table holds (128).
     let mut idle: Vec<Raw> = (0..150).map(|_| f.raw()).collect();
     let start = Instant::now();
-    let stat = f.client().stat().unwrap();
+    let stat = f.client().call(&Stat {}).unwrap();
     assert_eq!(stat.devices.len(), 1);
     let took = start.elapsed();
     assert!(took < Duration::from_secs(2), "stat took {took:?}");
@@ -970,7 +977,7 @@ fn a_stalled_partial_line_is_dropped_after_the_idle_timeout() {
     // A client that says nothing at all goes the same way.
     let mut silent = f.raw();
     assert!(error_of(&silent.answer()).contains("no complete request"));
-    assert!(f.client().stat().is_ok());
+    assert!(f.client().call(&Stat {}).is_ok());
 }
 
 #[test]
@@ -991,13 +998,13 @@ fn a_client_that_never_reads_does_not_block_others() {
     let mut c = f.client();
     for _ in 0..20 {
         let start = Instant::now();
-        assert!(c.stat().is_ok());
+        assert!(c.call(&Stat {}).is_ok());
         assert!(start.elapsed() < Duration::from_secs(2));
     }
     wait_for("the greedy client to be closed", || writer.is_finished());
     assert!(writer.join().unwrap(), "its writes fail once it is closed");
     drop(greedy);
-    assert!(c.stat().is_ok());
+    assert!(c.call(&Stat {}).is_ok());
 }
 
 /// A device with enough text pages, all idle, that recompressing it takes seconds.
@@ -1013,11 +1020,13 @@ fn long_recompression(on_shutdown: impl FnMut() + Send + 'static) -> Fixture {
 }
 
 /// Starts `vzram recompress` on its own client; returns once the pass is under way.
-fn start_recompress(f: &Fixture) -> std::thread::JoinHandle<Result<RecompressReply, ClientError>> {
+fn start_recompress(
+    f: &Fixture,
+) -> std::thread::JoinHandle<Result<Devices<RecompressDevice>, ClientError>> {
     let before = f.device(0).stats().mm_stat.compr_data_size;
     let mut c = f.client();
     let t = std::thread::spawn(move || {
-        c.call(&Request::Recompress {
+        c.call(&Recompress {
             device: None,
             page_type: PageType::Idle,
             threshold: None,
@@ -1042,7 +1051,7 @@ fn stat_answers_and_stop_is_prompt_during_a_long_recompression() {
     let mut f = long_recompression(|| {});
     let pass = start_recompress(&f);
     let start = Instant::now();
-    let st = f.client().stat().unwrap();
+    let st = f.client().call(&Stat {}).unwrap();
     assert!(
         start.elapsed() < Duration::from_secs(2),
         "{:?}",
@@ -1090,7 +1099,7 @@ fn a_shutdown_signal_ends_a_long_recompression() {
     // Maintenance does nothing from now on; the rest still answers.
     let e = f
         .client()
-        .call::<RecompressReply>(&Request::Recompress {
+        .call(&Recompress {
             device: None,
             page_type: PageType::Idle,
             threshold: None,
@@ -1099,7 +1108,7 @@ fn a_shutdown_signal_ends_a_long_recompression() {
         })
         .unwrap_err();
     assert!(e.to_string().contains("stopped after 0 pages tried"), "{e}");
-    assert!(f.client().stat().is_ok());
+    assert!(f.client().call(&Stat {}).is_ok());
     check_text(&f, 32768);
 }
 
@@ -1117,32 +1126,38 @@ fn limit_zero_still_prints_a_line_per_device() {
     ]);
     fill(f.device(0), 0..10, PageKind::Heap);
     f.device(0).mark_idle(None);
-    let text = printed(ClientCommand::Writeback {
-        device: None,
-        page_type: PageType::Idle,
-        limit: Some(0),
+    let text = printed(ClientCommand::Writeback(Call {
+        args: Writeback {
+            device: None,
+            page_type: PageType::Idle,
+            limit_pages: Some(0),
+        },
         conn: f.conn(),
-    });
+    }));
     assert_eq!(
         text,
         "vz0: 0 pages written back (0B)\nvz1: 0 pages written back (0B)\n"
     );
-    let text = printed(ClientCommand::Recompress {
-        device: Some("vz1".into()),
-        page_type: PageType::Idle,
-        threshold: None,
-        max_pages: Some(0),
-        priority: 1,
+    let text = printed(ClientCommand::Recompress(Call {
+        args: Recompress {
+            device: Some("vz1".into()),
+            page_type: PageType::Idle,
+            threshold: None,
+            max_pages: Some(0),
+            priority: Some(1),
+        },
         conn: f.conn(),
-    });
+    }));
     assert_eq!(text, "vz1: 0 pages tried, 0 recompressed\n");
     // A spent limit lists the rest with 0.
-    let text = printed(ClientCommand::Writeback {
-        device: None,
-        page_type: PageType::Idle,
-        limit: Some(4),
+    let text = printed(ClientCommand::Writeback(Call {
+        args: Writeback {
+            device: None,
+            page_type: PageType::Idle,
+            limit_pages: Some(4),
+        },
         conn: f.conn(),
-    });
+    }));
     assert_eq!(
         text,
         "vz0: 4 pages written back (16K)\nvz1: 0 pages written back (0B)\n"
@@ -1155,31 +1170,37 @@ fn a_daemon_without_devices_still_answers_every_command_with_a_line() {
     let f = Fixture::new(&[]);
     for (cmd, want) in [
         (
-            ClientCommand::Writeback {
-                device: None,
-                page_type: PageType::Idle,
-                limit: Some(0),
+            ClientCommand::Writeback(Call {
+                args: Writeback {
+                    device: None,
+                    page_type: PageType::Idle,
+                    limit_pages: Some(0),
+                },
                 conn: f.conn(),
-            },
+            }),
             "writeback: no device\n",
         ),
         (
-            ClientCommand::Recompress {
-                device: None,
-                page_type: PageType::Idle,
-                threshold: None,
-                max_pages: None,
-                priority: 1,
+            ClientCommand::Recompress(Call {
+                args: Recompress {
+                    device: None,
+                    page_type: PageType::Idle,
+                    threshold: None,
+                    max_pages: None,
+                    priority: Some(1),
+                },
                 conn: f.conn(),
-            },
+            }),
             "recompress: no device\n",
         ),
         (
-            ClientCommand::Idle {
-                age: IdleAge::All,
-                device: None,
+            ClientCommand::Idle(Call {
+                args: Idle {
+                    age_secs: None,
+                    device: None,
+                },
                 conn: f.conn(),
-            },
+            }),
             "idle: no device\n",
         ),
     ] {

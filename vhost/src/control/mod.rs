@@ -20,15 +20,15 @@
 //! calls [`block_shutdown_signals`] in `main` before it starts any thread, so that every
 //! thread inherits the mask and SIGTERM/SIGINT reach only the signalfd.
 
-mod commands;
 mod conn;
+mod dispatch;
 pub mod proto;
 
-pub use commands::CommandError;
 pub use conn::MAX_LINE;
+pub use dispatch::CommandError;
 pub use proto::*;
 
-use commands::Context;
+use dispatch::Context;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::File;

@@ -1,14 +1,75 @@
-//! The control protocol: JSON lines over a Unix stream socket.
+//! The control protocol and its commands.
 //!
-//! A client writes one request object per line and reads one response object per line, in
-//! order. A request names its command in `"cmd"`; an optional `"id"` (any JSON value) is echoed
-//! in the response so that a client may pipeline. A response is `{"ok":true,"result":{...}}` or
-//! `{"ok":false,"error":"..."}`. The types here are shared by the server and the client, so the
-//! two cannot drift apart; statistics are zram's own types (`Serialize + Deserialize` there),
-//! carried as they are.
+//! JSON lines over a Unix stream socket: a client writes one request object per line and
+//! reads one response object per line, in order. A request names its command in `"cmd"`; the
+//! other keys are the command's arguments; an optional `"id"` (any JSON value) is echoed in
+//! the response so that a client may pipeline. A response is `{"ok":true,"result":{...}}` or
+//! `{"ok":false,"error":"..."}`.
+//!
+//! Each command is defined once, here, so that the server, the client and the `vzram`
+//! subcommands cannot drift apart: a type whose fields are its arguments (serde reads them
+//! off the wire, refusing unknown ones; clap reads the same fields off the command line), its
+//! reply type, and [`Command::run`]. `COMMANDS` lists them; the server finds a request's
+//! command there. Adding a command: its type and [`Command`] impl here, an entry in
+//! `COMMANDS`, and in `client.rs` a subcommand and a `Render` impl.
 
+use super::dispatch::{CommandError, Context, Entry, Outcome, Pass};
 use crate::counters::QueueStats;
+use crate::served::Served;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use zcomp::Priority;
+
+/// A control command: its fields are its arguments.
+pub trait Command: Serialize + DeserializeOwned + std::fmt::Debug {
+    /// The value of `"cmd"`.
+    const NAME: &'static str;
+    /// What `result` holds when the command succeeds.
+    type Reply: Serialize + DeserializeOwned;
+    /// Carries the command out in the daemon.
+    fn run(self, ctx: &Context) -> Result<Self::Reply, CommandError>;
+}
+
+/// Every command, in the order the daemon's errors list them.
+pub(super) const COMMANDS: &[Entry] = &[
+    Entry::of::<Stat>(),
+    Entry::of::<Compact>(),
+    Entry::of::<Idle>(),
+    Entry::of::<Recompress>(),
+    Entry::of::<Writeback>(),
+    Entry::of::<WritebackLimit>(),
+    Entry::of::<MemLimit>(),
+    Entry::of::<ResetMemUsedMax>(),
+];
+
+/// A request line for `cmd`, newline excluded: `{"cmd":NAME, ...arguments}`.
+pub fn request_line<C: Command>(cmd: &C) -> String {
+    #[derive(Serialize)]
+    struct Request<'a, C> {
+        cmd: &'static str,
+        #[serde(flatten)]
+        args: &'a C,
+    }
+    let request = Request {
+        cmd: C::NAME,
+        args: cmd,
+    };
+    serde_json::to_string(&request).expect("requests serialise")
+}
+
+/// A response line. `result` is present when `ok`, `error` when not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response<T> {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<T>,
+}
 
 /// Which pages a maintenance command takes: zram's `type=` argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -25,17 +86,6 @@ pub enum PageType {
     Incompressible,
 }
 
-impl PageType {
-    pub fn name(self) -> &'static str {
-        match self {
-            PageType::Idle => "idle",
-            PageType::Huge => "huge",
-            PageType::HugeIdle => "huge_idle",
-            PageType::Incompressible => "incompressible",
-        }
-    }
-}
-
 impl From<PageType> for zram::PageFilter {
     fn from(t: PageType) -> zram::PageFilter {
         match t {
@@ -47,90 +97,30 @@ impl From<PageType> for zram::PageFilter {
     }
 }
 
-/// One request. `device` omitted means every device.
+/// The reply of a command that acts on each device in turn.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Statistics of every device and of the store.
-    Stat,
-    /// Compact the pool now.
-    Compact,
-    /// Mark stored pages idle: all, or those not accessed for `age_secs` seconds.
-    Idle {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        device: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        age_secs: Option<u64>,
-    },
-    /// Recompress pages of `type` with the secondary algorithm of `priority` (default 1).
-    Recompress {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        device: Option<String>,
-        #[serde(rename = "type")]
-        page_type: PageType,
-        /// Only pages whose compressed size is at least this many bytes (1..=4096).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        threshold: Option<u64>,
-        /// Stop after trying this many pages (in total over the devices).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_pages: Option<u64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        priority: Option<u8>,
-    },
-    /// Move pages of `type` to the device's backing file.
-    Writeback {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        device: Option<String>,
-        #[serde(rename = "type")]
-        page_type: PageType,
-        /// Write at most this many pages (in total over the devices).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        limit_pages: Option<u64>,
-    },
-    /// zram's `writeback_limit`: a budget of pages writeback may still write; `null` or
-    /// omitted removes the budget.
-    WritebackLimit {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        device: Option<String>,
-        #[serde(default)]
-        pages: Option<u64>,
-    },
-    /// The store's memory limit in bytes; 0 removes it.
-    MemLimit { bytes: u64 },
-    /// Reset `mem_used_max` to the current use.
-    ResetMemUsedMax,
+pub struct Devices<T> {
+    pub devices: Vec<T>,
+    /// Devices a command for every device left out, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<Skipped>,
 }
 
-/// Every value of `"cmd"`, for the error that names the known ones.
-pub const COMMANDS: &[&str] = &[
-    "stat",
-    "compact",
-    "idle",
-    "recompress",
-    "writeback",
-    "writeback_limit",
-    "mem_limit",
-    "reset_mem_used_max",
-];
-
-/// A response line. `result` is present when `ok`, `error` when not.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Response<T> {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<T>,
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub name: String,
+    pub reason: String,
 }
 
-/// A secondary (recompression) algorithm of a device.
+/// Statistics of every device and of the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecompAlgorithm {
-    pub priority: u8,
-    /// `zstd`, or `zstd:9` with a level.
-    pub algorithm: String,
+#[serde(deny_unknown_fields)]
+pub struct Stat {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatReply {
+    pub devices: Vec<DeviceStat>,
+    pub store: StoreStat,
 }
 
 /// One device in `stat`.
@@ -154,6 +144,14 @@ pub struct DeviceStat {
     pub queues: Vec<QueueStats>,
 }
 
+/// A secondary (recompression) algorithm of a device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecompAlgorithm {
+    pub priority: u8,
+    /// `zstd`, or `zstd:9` with a level.
+    pub algorithm: String,
+}
+
 /// The store the devices share.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreStat {
@@ -169,11 +167,61 @@ pub struct StoreStat {
     pub pool: zram::PoolStats,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatReply {
-    pub devices: Vec<DeviceStat>,
-    pub store: StoreStat,
+impl Command for Stat {
+    const NAME: &'static str = "stat";
+    type Reply = StatReply;
+    fn run(self, ctx: &Context) -> Result<StatReply, CommandError> {
+        let store = &ctx.store;
+        Ok(StatReply {
+            devices: ctx.devices.iter().map(|s| DeviceStat::of(s)).collect(),
+            store: StoreStat {
+                mem_limit: store.mem_limit(),
+                mem_used_total: store.mem_used_total(),
+                mem_used_max: store.mem_used_max(),
+                pages_compacted: store.pages_compacted(),
+                freeable_pages: store.freeable_pages() as u64,
+                pool: store.pool_stats(),
+            },
+        })
+    }
 }
+
+impl DeviceStat {
+    fn of(s: &Served) -> DeviceStat {
+        let comp = s.device.comp();
+        let algorithm = |p| match comp.params(p) {
+            Some(params) => match params.level {
+                Some(level) => format!("{}:{level}", params.algorithm),
+                None => params.algorithm.to_string(),
+            },
+            None => comp
+                .backend(p)
+                .map(|b| b.name().to_string())
+                .unwrap_or_default(),
+        };
+        DeviceStat {
+            name: s.name.clone(),
+            socket: s.socket.display().to_string(),
+            connected: s.connected.load(Relaxed),
+            connections: s.connections.load(Relaxed),
+            readonly: s.readonly,
+            streams: s.queues.len(),
+            recomp_algorithms: (comp.priorities().filter(|p| !p.is_primary()))
+                .map(|p| RecompAlgorithm {
+                    priority: p.get(),
+                    algorithm: algorithm(p),
+                })
+                .collect(),
+            zram: s.device.stats(),
+            queues: s.queues.iter().map(|q| q.snapshot()).collect(),
+        }
+    }
+}
+
+/// Compact the pool now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Compact {}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompactReply {
@@ -183,11 +231,31 @@ pub struct CompactReply {
     pub pages_compacted: u64,
 }
 
-/// A device a command for every device left out, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Skipped {
-    pub name: String,
-    pub reason: String,
+impl Command for Compact {
+    const NAME: &'static str = "compact";
+    type Reply = CompactReply;
+    fn run(self, ctx: &Context) -> Result<CompactReply, CommandError> {
+        let _one_at_a_time = ctx.maintenance.lock();
+        Ok(CompactReply {
+            pages_freed: ctx.store.compact() as u64,
+            pages_compacted: ctx.store.pages_compacted(),
+        })
+    }
+}
+
+/// Mark stored pages idle: all, or those not accessed for `age_secs` seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Idle {
+    /// Only this device [default: every device]
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// `all`, or an age: 30s, 5m, 1h, 2d (a bare number is seconds)
+    // The full path keeps clap from taking the argument as optional: `all` is `None`.
+    #[arg(value_name = "AGE", value_parser = parse_age)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_secs: ::std::option::Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,9 +265,77 @@ pub struct IdleDevice {
     pub marked: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdleReply {
-    pub devices: Vec<IdleDevice>,
+impl Command for Idle {
+    const NAME: &'static str = "idle";
+    type Reply = Devices<IdleDevice>;
+    fn run(self, ctx: &Context) -> Result<Devices<IdleDevice>, CommandError> {
+        let age = self.age_secs.map(Duration::from_secs);
+        let _one_at_a_time = ctx.maintenance.lock();
+        let devices = (ctx.targets(self.device.as_deref())?.into_iter())
+            .map(|s| IdleDevice {
+                name: s.name.clone(),
+                marked: s.device.mark_idle(age),
+            })
+            .collect();
+        Ok(Devices {
+            devices,
+            skipped: Vec::new(),
+        })
+    }
+}
+
+/// `all` (`None`) or an age in seconds: a number with an optional s, m, h or d suffix.
+fn parse_age(s: &str) -> Result<Option<u64>, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("all") {
+        return Ok(None);
+    }
+    let bad = || format!("{s:?}: expected `all` or an age like 30s, 5m, 1h or 2d");
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_lowercase()),
+        _ => (t, 's'),
+    };
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        _ => return Err(bad()),
+    };
+    let secs = num.parse::<u64>().ok().and_then(|n| n.checked_mul(scale));
+    secs.map(Some).ok_or_else(bad)
+}
+
+/// A size with an optional K, M, G or T suffix, as zram takes it.
+fn parse_size(s: &str) -> Result<u64, String> {
+    zram::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Recompress pages of `type` with the secondary algorithm of `priority` (default 1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Recompress {
+    /// Only this device [default: every device with such an algorithm]
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Which pages
+    #[arg(long = "type", value_name = "TYPE", value_enum, default_value_t = PageType::Idle)]
+    #[serde(rename = "type")]
+    pub page_type: PageType,
+    /// Only pages whose compressed size is at least this many bytes (K suffix allowed)
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u64>,
+    /// Try at most this many pages
+    #[arg(long, value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pages: Option<u64>,
+    /// Which recompression algorithm, by priority (1..=3)
+    #[arg(long, value_name = "P", default_value = "1",
+          value_parser = clap::value_parser!(u8).range(1..=3))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,11 +347,73 @@ pub struct RecompressDevice {
     pub recompressed: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecompressReply {
-    pub devices: Vec<RecompressDevice>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub skipped: Vec<Skipped>,
+impl Command for Recompress {
+    const NAME: &'static str = "recompress";
+    type Reply = Devices<RecompressDevice>;
+    fn run(self, ctx: &Context) -> Result<Devices<RecompressDevice>, CommandError> {
+        let prio = self.priority.unwrap_or(1);
+        let prio = (Priority::new(prio).filter(|p| !p.is_primary())).ok_or_else(|| {
+            CommandError::InvalidArgument(format!(
+                "priority {prio}: recompression uses a secondary algorithm, 1..={}",
+                Priority::MAX
+            ))
+        })?;
+        let threshold = (self.threshold)
+            .map(|t| match usize::try_from(t) {
+                Ok(t @ 1..=zram::PAGE_SIZE) => Ok(t),
+                _ => Err(CommandError::InvalidArgument(format!(
+                    "threshold {t}: a compressed size in bytes, 1..={}",
+                    zram::PAGE_SIZE
+                ))),
+            })
+            .transpose()?;
+        let every = self.device.is_none();
+        let pass = Pass {
+            device: self.device.as_deref(),
+            budget: self.max_pages,
+            stopped: |n| format!("recompression stopped after {n} pages tried"),
+            none_eligible: format!(
+                "no device has a recompression algorithm with priority {prio} \
+                 (start the daemon with --recomp)"
+            ),
+        };
+        ctx.each_device(pass, |s, left| {
+            // Every device when none was named: those without this algorithm are left out;
+            // a named one without it is an error (from zram).
+            if every && s.device.comp().backend(prio).is_none() {
+                return Ok(Outcome::Skipped(format!(
+                    "no recompression algorithm with priority {prio}"
+                )));
+            }
+            let mut stream = s.device.new_stream();
+            let (filter, cancel) = (self.page_type.into(), &ctx.cancel);
+            let r = (s.device).recompress(filter, threshold, left, prio, &mut stream, cancel)?;
+            let entry = RecompressDevice {
+                name: s.name.clone(),
+                tried: r.tried,
+                recompressed: r.recompressed,
+            };
+            Ok(Outcome::Done(entry, r.tried))
+        })
+    }
+}
+
+/// Move pages of `type` to the device's backing file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Writeback {
+    /// Only this device [default: every device with a backing file]
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Which pages
+    #[arg(long = "type", value_name = "TYPE", value_enum, default_value_t = PageType::Idle)]
+    #[serde(rename = "type")]
+    pub page_type: PageType,
+    /// Write at most this many pages
+    #[arg(long = "limit", value_name = "PAGES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_pages: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,11 +423,56 @@ pub struct WritebackDevice {
     pub written: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WritebackReply {
-    pub devices: Vec<WritebackDevice>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub skipped: Vec<Skipped>,
+impl Command for Writeback {
+    const NAME: &'static str = "writeback";
+    type Reply = Devices<WritebackDevice>;
+    fn run(self, ctx: &Context) -> Result<Devices<WritebackDevice>, CommandError> {
+        let every = self.device.is_none();
+        let pass = Pass {
+            device: self.device.as_deref(),
+            budget: self.limit_pages,
+            stopped: |n| format!("writeback stopped after {n} pages written"),
+            none_eligible: "no device has a backing file (start the daemon with --backing-file)"
+                .into(),
+        };
+        ctx.each_device(pass, |s, left| {
+            match s.device.writeback(self.page_type.into(), left, &ctx.cancel) {
+                Ok(n) => {
+                    let name = s.name.clone();
+                    Ok(Outcome::Done(WritebackDevice { name, written: n }, n))
+                }
+                // Every device when none was named: those without a backing file are left
+                // out, not an error.
+                Err(zram::Error::NoBackingFile) if every => {
+                    Ok(Outcome::Skipped("no backing file".into()))
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
+
+/// zram's `writeback_limit`: a budget of pages writeback may still write; `null` or omitted
+/// removes the budget.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct WritebackLimit {
+    /// Only this device [default: every device]
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// A number of 4 KiB pages, or `none`
+    // The full path: `none` is `None`, and the argument is required.
+    #[arg(value_name = "PAGES|none", value_parser = parse_budget)]
+    #[serde(default)]
+    pub pages: ::std::option::Option<u64>,
+}
+
+fn parse_budget(s: &str) -> Result<Option<u64>, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    (s.parse().map(Some)).map_err(|_| format!("{s:?}: expected a number of pages or `none`"))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,30 +483,66 @@ pub struct WritebackLimitReply {
     pub pages: Option<u64>,
 }
 
+impl Command for WritebackLimit {
+    const NAME: &'static str = "writeback_limit";
+    type Reply = WritebackLimitReply;
+    fn run(self, ctx: &Context) -> Result<WritebackLimitReply, CommandError> {
+        let targets = ctx.targets(self.device.as_deref())?;
+        for s in &targets {
+            s.device.set_writeback_limit(self.pages);
+        }
+        Ok(WritebackLimitReply {
+            devices: targets.iter().map(|s| s.name.clone()).collect(),
+            pages: self.pages,
+        })
+    }
+}
+
+/// The store's memory limit in bytes; 0 removes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct MemLimit {
+    /// Bytes, with an optional K, M, G or T suffix (e.g. 2G); 0 removes the limit
+    #[arg(value_name = "SIZE", value_parser = parse_size)]
+    pub bytes: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemLimitReply {
     /// The store's limit now, in bytes; 0 = none.
     pub mem_limit: u64,
 }
 
+impl Command for MemLimit {
+    const NAME: &'static str = "mem_limit";
+    type Reply = MemLimitReply;
+    fn run(self, ctx: &Context) -> Result<MemLimitReply, CommandError> {
+        ctx.store.set_mem_limit(self.bytes);
+        Ok(MemLimitReply {
+            mem_limit: ctx.store.mem_limit(),
+        })
+    }
+}
+
+/// Reset `mem_used_max` to the current use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct ResetMemUsedMax {}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResetMemUsedMaxReply {
     pub mem_used_max: u64,
 }
 
-/// What the server answers, one variant per command. Untagged: the client knows which
-/// command it sent and reads `result` as that command's reply type.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
-pub enum Reply {
-    Stat(StatReply),
-    Compact(CompactReply),
-    Idle(IdleReply),
-    Recompress(RecompressReply),
-    Writeback(WritebackReply),
-    WritebackLimit(WritebackLimitReply),
-    MemLimit(MemLimitReply),
-    ResetMemUsedMax(ResetMemUsedMaxReply),
+impl Command for ResetMemUsedMax {
+    const NAME: &'static str = "reset_mem_used_max";
+    type Reply = ResetMemUsedMaxReply;
+    fn run(self, ctx: &Context) -> Result<ResetMemUsedMaxReply, CommandError> {
+        ctx.store.reset_mem_used_max();
+        Ok(ResetMemUsedMaxReply {
+            mem_used_max: ctx.store.mem_used_max(),
+        })
+    }
 }
 
 #[cfg(test)]
