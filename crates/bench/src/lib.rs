@@ -56,7 +56,7 @@ pub struct BenchArgs {
     pub verify: Verify,
 
     /// Size of the in-process device.
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = zram::parse_size)]
     pub size: u64,
 
     /// Compression of the in-process device (as `vzram serve --comp`).
@@ -78,10 +78,6 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    zram::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn default_jobs() -> Vec<Job> {
