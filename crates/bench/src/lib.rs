@@ -336,7 +336,7 @@ impl std::fmt::Debug for StoreQueue {
 impl StoreQueue {
     /// Serves a read or write of whole pages: the status and the data read.
     fn serve(&mut self, req: &Request) -> vufront::Result<(u8, Vec<u8>)> {
-        let sectors_per_page = PAGE_SIZE / vufront::SECTOR_SIZE;
+        let sectors_per_page = PAGE_SIZE / zram::SECTOR_SIZE;
         let aligned = |len: u64| req.sector % sectors_per_page == 0 && len % PAGE_SIZE == 0;
         let first = req.sector / sectors_per_page;
         let mut ok = true;

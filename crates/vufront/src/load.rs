@@ -20,7 +20,7 @@ use crate::{
     Completion, Device, Error, Layout, Options, Queue, QueueCounters, Request, Result, Split,
     feature_names,
 };
-use pagemix::{Mix, PAGE_SIZE, SplitMix64, fill_page};
+use pagemix::{Mix, SplitMix64, fill_page};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +29,9 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+// zram's page. pagemix (no dependencies) has its own equal constant; `fill_page` takes a
+// `[u8; pagemix::PAGE_SIZE]`, so were they ever to differ, the calls here would not compile.
+use zram::PAGE_SIZE;
 
 /// Access pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -946,7 +949,7 @@ fn run_thread<Q: TargetQueue>(ctx: &Ctx, q: &mut Q, t: u64, barrier: &Barrier) -
             };
             let byte = (first_block + to_block(k)) * bs;
             let first_page = byte / PAGE_SIZE as u64;
-            let sector = byte / crate::SECTOR_SIZE;
+            let sector = byte / zram::SECTOR_SIZE;
             let (req, check) = if job.rw.is_write() {
                 for (i, chunk) in data.chunks_exact_mut(PAGE_SIZE).enumerate() {
                     chunk.copy_from_slice(content(ctx, first_page + i as u64, &mut page));
