@@ -56,7 +56,7 @@ pub struct BenchArgs {
     pub verify: Verify,
 
     /// Size of the in-process device.
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = zram::parse_size)]
     pub size: u64,
 
     /// Compression of the in-process device (as `vzram serve --comp`).
@@ -78,10 +78,6 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    zram::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn default_jobs() -> Vec<Job> {
@@ -340,7 +336,7 @@ impl std::fmt::Debug for StoreQueue {
 impl StoreQueue {
     /// Serves a read or write of whole pages: the status and the data read.
     fn serve(&mut self, req: &Request) -> vufront::Result<(u8, Vec<u8>)> {
-        let sectors_per_page = PAGE_SIZE / vufront::SECTOR_SIZE;
+        let sectors_per_page = PAGE_SIZE / zram::SECTOR_SIZE;
         let aligned = |len: u64| req.sector % sectors_per_page == 0 && len % PAGE_SIZE == 0;
         let first = req.sector / sectors_per_page;
         let mut ok = true;

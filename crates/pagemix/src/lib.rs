@@ -54,7 +54,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// Size of a page: the unit of swap, compression and every slot in vzram.
+/// Size of a page: the unit of swap, compression and every slot in vzram. The same value as
+/// `region::PAGE_SIZE` (what zram and vzram use), defined again only because this crate has no
+/// dependencies; where pages of both meet (vufront's load generator) the array types must agree.
 pub const PAGE_SIZE: usize = 4096;
 
 const WORDS: usize = PAGE_SIZE / 8;

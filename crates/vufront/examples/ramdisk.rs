@@ -9,7 +9,6 @@
 //! Serves one frontend after another until killed (SIGINT/SIGTERM end the process).
 
 use std::process::ExitCode;
-use vufront::load::parse_size;
 use vufront::ramdisk::{Ramdisk, RamdiskConfig};
 
 fn main() -> ExitCode {
@@ -33,7 +32,7 @@ fn run() -> Result<(), String> {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
             "--socket" => socket = Some(value()?),
-            "--size" => cfg.capacity = parse_size(&value()?)?,
+            "--size" => cfg.capacity = zram::parse_size(&value()?).map_err(|e| e.to_string())?,
             "--queues" => {
                 cfg.num_queues = value()?.parse().map_err(|e| format!("--queues: {e}"))?
             }

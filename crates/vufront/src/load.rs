@@ -20,7 +20,7 @@ use crate::{
     Completion, Device, Error, Layout, Options, Queue, QueueCounters, Request, Result, Split,
     feature_names,
 };
-use pagemix::{Mix, PAGE_SIZE, SplitMix64, fill_page};
+use pagemix::{Mix, SplitMix64, fill_page};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +29,9 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+// zram's page. pagemix (no dependencies) has its own equal constant; `fill_page` takes a
+// `[u8; pagemix::PAGE_SIZE]`, so were they ever to differ, the calls here would not compile.
+use zram::PAGE_SIZE;
 
 /// Access pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -178,8 +181,8 @@ impl FromStr for Job {
 
     /// `key=value` pairs separated by commas: `rw`, `bs`, `iodepth`, `numjobs`, `offset`,
     /// `span`, `runtime`, `ops`, `partition`, `segments` (data descriptors per request),
-    /// `indirect` (0/1), `name`. Sizes take k/m/g suffixes (powers of 1024), durations
-    /// s/ms/m (default seconds).
+    /// `indirect` (0/1), `name`. Sizes are read like `vzram serve --size` (K, M, G, T, P, E:
+    /// powers of 1024), durations s/ms/m (default seconds).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let mut job = Job::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -187,17 +190,18 @@ impl FromStr for Job {
                 .split_once('=')
                 .ok_or_else(|| format!("job: `{part}` is not key=value"))?;
             let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{k}={v}: {e}"));
+            let size = |v: &str| zram::parse_size(v).map_err(|e| e.to_string());
             match k {
                 "rw" => job.rw = v.parse()?,
-                "bs" => job.bs = u32::try_from(parse_size(v)?).map_err(|e| format!("bs: {e}"))?,
+                "bs" => job.bs = u32::try_from(size(v)?).map_err(|e| format!("bs: {e}"))?,
                 "iodepth" => {
                     job.iodepth = u16::try_from(num(v)?).map_err(|e| format!("iodepth: {e}"))?
                 }
                 "numjobs" => {
                     job.numjobs = u16::try_from(num(v)?).map_err(|e| format!("numjobs: {e}"))?
                 }
-                "offset" => job.offset = parse_size(v)?,
-                "span" | "size" => job.span = Some(parse_size(v)?),
+                "offset" => job.offset = size(v)?,
+                "span" | "size" => job.span = Some(size(v)?),
                 "runtime" => job.runtime = Some(parse_duration(v)?),
                 "ops" => job.ops = Some(num(v)?),
                 "partition" => job.partition = v.parse()?,
@@ -209,29 +213,6 @@ impl FromStr for Job {
         }
         Ok(job)
     }
-}
-
-/// Parses `4096`, `4k`, `64K`, `1m`, `2G`, `1t` (powers of 1024).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_lowercase() {
-                'k' => 1u64 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => return Err(format!("size `{s}`: unknown suffix")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("size `{s}` is not a number with optional k/m/g/t"))
 }
 
 /// Parses `20`, `20s`, `500ms`, `2m`.
@@ -968,7 +949,7 @@ fn run_thread<Q: TargetQueue>(ctx: &Ctx, q: &mut Q, t: u64, barrier: &Barrier) -
             };
             let byte = (first_block + to_block(k)) * bs;
             let first_page = byte / PAGE_SIZE as u64;
-            let sector = byte / crate::SECTOR_SIZE;
+            let sector = byte / zram::SECTOR_SIZE;
             let (req, check) = if job.rw.is_write() {
                 for (i, chunk) in data.chunks_exact_mut(PAGE_SIZE).enumerate() {
                     chunk.copy_from_slice(content(ctx, first_page + i as u64, &mut page));
@@ -1241,7 +1222,6 @@ mod tests {
         assert!("bs=4q".parse::<Job>().is_err());
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert_eq!("span=1.5M".parse::<Job>().unwrap().span, Some(3 << 19));
     }
 }

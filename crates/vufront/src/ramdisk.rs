@@ -5,6 +5,9 @@
 //! where vzram compresses. It is built on rust-vmm's vhost-user-backend, which trusts the
 //! frontend more than vzram's own message handler does; that is fine for a test fixture.
 //!
+//! Its chain rules are its own, not vzram's `request::Parser` (which also fails a malformed chain
+//! with S_IOERR when it has a status byte): it is the independent backend vufront is tested on.
+//!
 //! It serves IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES and treats the guest as
 //! untrusted: a chain that the descriptor iterator cut short (a `next` out of range, a loop, an
 //! unreadable indirect table), with readable descriptors after writable ones, or without a
@@ -38,6 +41,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use zram::SECTOR_SIZE;
 
 /// What the ramdisk offers.
 #[derive(Clone, Debug)]

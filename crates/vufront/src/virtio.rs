@@ -5,6 +5,7 @@ use serde::Serialize;
 use virtio_bindings::virtio_blk as b;
 use virtio_bindings::virtio_config as c;
 use virtio_bindings::virtio_ring as r;
+use zram::SECTOR_SIZE;
 
 /// Descriptor flag: the chain continues at `next`.
 pub const VIRTQ_DESC_F_NEXT: u16 = r::VRING_DESC_F_NEXT as u16;
@@ -88,8 +89,6 @@ pub const BLK_S_IOERR: u8 = b::VIRTIO_BLK_S_IOERR as u8;
 /// `VIRTIO_BLK_S_UNSUPP`.
 pub const BLK_S_UNSUPP: u8 = b::VIRTIO_BLK_S_UNSUPP as u8;
 
-/// virtio-blk sector size: request sectors are always in 512-byte units.
-pub const SECTOR_SIZE: u64 = 512;
 /// Size of the virtio-blk request header (type, ioprio, sector).
 pub const BLK_HEADER_LEN: usize = 16;
 /// Size of one discard / write-zeroes segment.

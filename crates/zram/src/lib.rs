@@ -49,7 +49,8 @@ pub use stats::{BdStat, IoStat, MmStat, PoolStats, Stats};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use zsmalloc::{Handle, Pool};
 
-/// Requests are counted in 512-byte sectors.
+/// Requests are counted in 512-byte sectors: virtio-blk's sector too, so vzram and the vufront
+/// frontend use this one.
 pub const SECTOR_SIZE: u64 = 512;
 
 #[derive(Debug, thiserror::Error)]
