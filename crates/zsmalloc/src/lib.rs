@@ -91,4 +91,6 @@ pub enum Error {
     },
     #[error("inconsistent pool state: {0}")]
     Corrupt(String),
+    #[error("inconsistent pool state: handle {handle} {why}")]
+    BadHandle { handle: u32, why: String },
 }

@@ -81,9 +81,10 @@ fn map<T: Zeroable>(
     } else {
         let len = file.metadata().map_err(err)?.len();
         if len != want {
-            return Err(Error::Corrupt(format!(
-                "the {what} file is {len} bytes; this pool's geometry needs {want}"
-            )));
+            return Err(err(std::io::Error::other(format!(
+                "{len} bytes; this pool's geometry needs {want} (truncated, or made with \
+                 another geometry)"
+            ))));
         }
     }
     Region::map_file(file.try_clone().map_err(err)?, offset, cap).map_err(err)

@@ -52,20 +52,22 @@ impl Pool {
         let mut objs = Vec::new();
         for h in live {
             let raw = h.raw() as usize;
+            let bad = |why: String| Error::BadHandle {
+                handle: h.raw(),
+                why,
+            };
             if raw >= n_handles {
-                return Err(corrupt(format!(
-                    "handle {raw} is beyond the handle table ({n_handles} entries)"
+                return Err(bad(format!(
+                    "is beyond the handle table ({n_handles} entries)"
                 )));
             }
             let e = self.handles.get(raw).load(Relaxed);
             if e & entry::ALLOC == 0 {
-                return Err(corrupt(format!("handle {raw} is held but not allocated")));
+                return Err(bad("is held but not allocated".into()));
             }
             let z = entry::zspage(e);
             if z as usize >= n_zspages {
-                return Err(corrupt(format!(
-                    "handle {raw} points at zspage {z}, beyond {n_zspages}"
-                )));
+                return Err(bad(format!("points at zspage {z}, beyond {n_zspages}")));
             }
             // Pins of the dead process's readers and writers go.
             self.handles
@@ -78,10 +80,13 @@ impl Pool {
             .windows(2)
             .find(|w| w[0].0 == w[1].0 && w[0].1 == w[1].1)
         {
-            return Err(corrupt(format!(
-                "handles {} and {} are held and both name slot {} of zspage {}",
-                w[0].2, w[1].2, w[0].1, w[0].0
-            )));
+            return Err(Error::BadHandle {
+                handle: w[1].2,
+                why: format!(
+                    "and handle {} are held and both name slot {} of zspage {}",
+                    w[0].2, w[0].1, w[0].0
+                ),
+            });
         }
 
         let mut pages = Vec::new();
@@ -112,11 +117,13 @@ impl Pool {
                     || !(1..=crate::PAGE_SIZE).contains(&len)
                     || self.layout.class_for(len).id != c
                 {
-                    return Err(corrupt(format!(
-                        "handle {h} (slot {idx}, {len} bytes) does not fit zspage {id} of \
-                         class {}",
-                        spec.size
-                    )));
+                    return Err(Error::BadHandle {
+                        handle: h,
+                        why: format!(
+                            "(slot {idx}, {len} bytes) does not fit zspage {id} of class {}",
+                            spec.size
+                        ),
+                    });
                 }
                 used[idx] = true;
                 if spec.is_huge() {
@@ -314,7 +321,7 @@ mod tests {
             ..CFG
         };
         let e = Pool::recover(other, &files, [a]).unwrap_err().to_string();
-        assert!(e.contains("geometry"), "{e}");
+        assert!(e.contains("pages file") && e.contains("geometry"), "{e}");
         // The refusals changed nothing.
         assert_eq!(Pool::recover(CFG, &files, [a]).unwrap().stats().objects, 1);
     }
