@@ -104,8 +104,30 @@ impl Backing {
         })
     }
 
-    /// Frees a block and punches it out of the file so the disk space is given back.
-    pub fn free(&self, block: u64) {
+    /// Whether `block` is inside the file.
+    pub fn holds(&self, block: u64) -> bool {
+        block < self.cap
+    }
+
+    /// Recovery: `used` are the blocks that slots hold; the others are free. Blocks a dead
+    /// process wrote but never installed are punched out.
+    pub fn restore(&self, used: &mut [u64]) {
+        used.sort_unstable();
+        let next = used.last().map_or(0, |&b| b + 1);
+        let mut free = Vec::new();
+        let mut expected = 0;
+        for &b in used.iter().chain([next].iter()) {
+            free.extend(expected..b);
+            expected = b + 1;
+        }
+        for &b in &free {
+            self.punch(b);
+        }
+        let _ns = preempt::NonSleepGuard::new();
+        *self.blocks.lock() = Blocks { free, next };
+    }
+
+    fn punch(&self, block: u64) {
         // SAFETY: fallocate on our own open fd with a range inside the file; failure (a file
         // system without hole punching) only leaves the bytes allocated.
         unsafe {
@@ -116,6 +138,11 @@ impl Backing {
                 PAGE_SIZE as libc::off_t,
             );
         }
+    }
+
+    /// Frees a block and punches it out of the file so the disk space is given back.
+    pub fn free(&self, block: u64) {
+        self.punch(block);
         let _ns = preempt::NonSleepGuard::new();
         self.blocks.lock().free.push(block);
     }

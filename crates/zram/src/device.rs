@@ -7,16 +7,13 @@ use crate::backing::Backing;
 use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, Slot, SlotGuard, State};
 use crate::stats::{BdStat, Counters, IoStat, MmStat, Stats};
 use crate::{Error, SECTOR_SIZE, Store};
-use region::{Region, Zeroable};
+use region::Region;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use zcomp::{Comp, Priority, Stream};
 use zsmalloc::Handle;
-
-// SAFETY: a Slot is two AtomicU64; all-zero is the empty, unlocked slot.
-unsafe impl Zeroable for Slot {}
 
 /// Which pages a maintenance operation takes (zram's `type=` argument).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,7 +79,9 @@ pub struct Device {
     slots: Region<Slot>,
     pages: u64,
     backing: Option<Backing>,
-    counters: Counters,
+    /// One record: the counters (in the device's file with a state directory).
+    counters: Region<Counters>,
+    /// Access times are seconds since then.
     born: Instant,
 }
 
@@ -121,9 +120,34 @@ impl Device {
             store,
             comp,
             backing,
-            counters: Counters::default(),
+            counters: Region::reserve(1).map_err(Error::Io)?,
             born: Instant::now(),
         })
+    }
+
+    /// A device over a slot table and counters that already exist (a state directory's
+    /// files). The caller recovers them first ([`crate::state`]).
+    pub(crate) fn attach(
+        store: Arc<Store>,
+        comp: Arc<Comp>,
+        slots: Region<Slot>,
+        counters: Region<Counters>,
+        backing: Option<Backing>,
+        born: Instant,
+    ) -> Device {
+        Device {
+            pages: slots.capacity() as u64,
+            slots,
+            store,
+            comp,
+            backing,
+            counters,
+            born,
+        }
+    }
+
+    fn counters(&self) -> &Counters {
+        self.counters.get(0)
     }
 
     /// Size in bytes.
@@ -156,7 +180,7 @@ impl Device {
 
     fn slot(&self, index: u64) -> Result<&Slot, Error> {
         if index >= self.pages {
-            self.counters.invalid_io.fetch_add(1, Relaxed);
+            self.counters().invalid_io.fetch_add(1, Relaxed);
             return Err(Error::OutOfRange {
                 offset: index * PAGE_SIZE as u64,
                 len: PAGE_SIZE as u64,
@@ -212,7 +236,7 @@ impl Device {
             }
             State::WrittenBack => {
                 let backing = self.backing.as_ref().ok_or(Error::NoBackingFile)?;
-                self.counters.bd_reads.fetch_add(1, Relaxed);
+                self.counters().bd_reads.fetch_add(1, Relaxed);
                 if e.len() == PAGE_SIZE {
                     backing.read(e.data, dst)?;
                 } else {
@@ -227,7 +251,7 @@ impl Device {
 
     /// Counts a new entry in.
     fn account(&self, e: &Entry) {
-        let c = &self.counters;
+        let c = self.counters();
         match e.state() {
             State::Empty => return,
             State::Same => {
@@ -250,7 +274,7 @@ impl Device {
 
     /// Frees what an entry that left its slot held, and counts it out.
     fn release(&self, e: &Entry) {
-        let c = &self.counters;
+        let c = self.counters();
         match e.state() {
             State::Empty => return,
             State::Same => {
@@ -328,7 +352,7 @@ impl Device {
     }
 
     fn count_io<T>(&self, r: &Result<T, Error>, write: bool, bytes: usize) {
-        let c = &self.counters;
+        let c = self.counters();
         match (r.is_ok(), write) {
             (true, false) => {
                 c.reads.fetch_add(1, Relaxed);
@@ -359,7 +383,7 @@ impl Device {
 
     fn free_range(&self, first: u64, count: u64, notify: bool) -> Result<(), Error> {
         if first.checked_add(count).is_none_or(|end| end > self.pages) {
-            self.counters.invalid_io.fetch_add(1, Relaxed);
+            self.counters().invalid_io.fetch_add(1, Relaxed);
             return Err(Error::OutOfRange {
                 offset: first.saturating_mul(PAGE_SIZE as u64),
                 len: count.saturating_mul(PAGE_SIZE as u64),
@@ -376,7 +400,7 @@ impl Device {
             drop(g);
             self.release(&old);
             if notify {
-                self.counters.notify_free.fetch_add(1, Relaxed);
+                self.counters().notify_free.fetch_add(1, Relaxed);
             }
         }
         Ok(())
@@ -385,11 +409,11 @@ impl Device {
     /// Checks a byte range for a request: 512-byte aligned and inside the device.
     fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
         if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
-            self.counters.invalid_io.fetch_add(1, Relaxed);
+            self.counters().invalid_io.fetch_add(1, Relaxed);
             return Err(Error::Unaligned { offset, len });
         }
         if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            self.counters.invalid_io.fetch_add(1, Relaxed);
+            self.counters().invalid_io.fetch_add(1, Relaxed);
             return Err(Error::OutOfRange {
                 offset,
                 len,
@@ -467,7 +491,7 @@ impl Device {
     // ---- statistics ----------------------------------------------------------------------
 
     pub fn stats(&self) -> Stats {
-        let c = &self.counters;
+        let c = self.counters();
         let store = &self.store;
         Stats {
             disksize: self.size(),
@@ -511,8 +535,12 @@ fn prio(e: &Entry) -> Priority {
 }
 
 impl Drop for Device {
-    /// The device's pages go back to the shared pool.
+    /// The device's pages go back to the shared pool, unless they are kept in a state
+    /// directory for the next daemon.
     fn drop(&mut self) {
+        if self.slots.is_file_backed() {
+            return;
+        }
         for i in 0..self.pages as usize {
             let e = self.slots.get(i).lock().entry;
             if matches!(e.state(), State::Compressed | State::Huge) {

@@ -39,6 +39,7 @@
 mod backing;
 mod device;
 mod slot;
+pub mod state;
 mod stats;
 
 pub use backing::existing_data as backing_file_data;
@@ -73,6 +74,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("allocator: {0}")]
     Alloc(#[source] AllocError),
+    #[error("state: {0}")]
+    State(String),
 }
 
 /// A failure of the allocator under the store other than running out of memory: a
@@ -107,12 +110,24 @@ impl Default for StoreConfig {
     }
 }
 
-/// Memory that devices share: the pool, its limit and its high-water mark.
+/// Memory that devices share: the pool, its limit and its high-water mark; and, for a store
+/// kept in a state directory ([`state::open`]), that directory's lock.
 #[derive(Debug)]
 pub struct Store {
     pool: Pool,
     limit: AtomicU64,
     max_used_pages: AtomicU64,
+    state: Option<state::Held>,
+}
+
+impl Drop for Store {
+    /// The last user is gone (every device and worker): a state directory is consistent and
+    /// can be marked clean.
+    fn drop(&mut self) {
+        if let Some(s) = &self.state {
+            s.mark_clean();
+        }
+    }
 }
 
 impl Store {
@@ -123,13 +138,23 @@ impl Store {
             page_limit: cfg.capacity_pages,
         })
         .map_err(|e| Error::Alloc(AllocError(e)))?;
+        Ok(Self::with_pool(pool, cfg.mem_limit, None))
+    }
+
+    fn with_pool(pool: Pool, mem_limit: u64, state: Option<state::Held>) -> Store {
         let store = Store {
+            max_used_pages: AtomicU64::new(pool.pages_used() as u64),
             pool,
             limit: AtomicU64::new(0),
-            max_used_pages: AtomicU64::new(0),
+            state,
         };
-        store.set_mem_limit(cfg.mem_limit);
-        Ok(store)
+        store.set_mem_limit(mem_limit);
+        store
+    }
+
+    /// Whether the store lives in a state directory (and outlives the process).
+    pub fn is_persistent(&self) -> bool {
+        self.state.is_some()
     }
 
     /// The allocator, for zram's own modules only.

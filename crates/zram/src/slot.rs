@@ -9,8 +9,15 @@
 //! never held while another slot's lock is taken, and never across compression of new data on
 //! the page-write path (only partial-page writes and maintenance, which must keep the page
 //! stable, compress under it).
+//!
+//! Both words are one 16-byte atomic, and unlocking stores the new entry whole, in one
+//! instruction (`cmpxchg16b`, or an aligned AVX store): when the slot table lives in a file
+//! (`--state-dir`), a process killed at any instruction leaves every slot old or new, never a
+//! new handle beside an old length or algorithm. The store is a Release: the object it names
+//! was written before it.
 
-use std::sync::atomic::{AtomicU64, Ordering::*};
+use portable_atomic::AtomicU128;
+use std::sync::atomic::Ordering::*;
 
 const LEN_MASK: u64 = 0x1FFF;
 const STATE_SHIFT: u32 = 13;
@@ -59,13 +66,20 @@ impl Entry {
     }
 
     pub fn state(&self) -> State {
-        match (self.meta & STATE_MASK) >> STATE_SHIFT {
+        self.state_checked().unwrap_or(State::WrittenBack)
+    }
+
+    /// The state, or `None` for the three bit patterns no entry is made with (only a damaged
+    /// or foreign state file holds them).
+    pub fn state_checked(&self) -> Option<State> {
+        Some(match (self.meta & STATE_MASK) >> STATE_SHIFT {
             0 => State::Empty,
             1 => State::Same,
             2 => State::Compressed,
             3 => State::Huge,
-            _ => State::WrittenBack,
-        }
+            4 => State::WrittenBack,
+            _ => return None,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -91,10 +105,31 @@ impl Entry {
     }
 }
 
+/// `data` in the low 64 bits, `meta` in the high.
 #[derive(Debug, Default)]
-pub struct Slot {
-    data: AtomicU64,
-    meta: AtomicU64,
+#[repr(transparent)]
+pub struct Slot(AtomicU128);
+
+// SAFETY: every bit pattern is a valid AtomicU128; all-zero is the empty, unlocked slot.
+unsafe impl region::Zeroable for Slot {}
+
+/// Whether slots are updated whole by one instruction here (see the module doc); without it
+/// (no `cmpxchg16b`) they are correct in memory but not crash-safe in a file.
+pub fn updates_are_atomic() -> bool {
+    AtomicU128::is_lock_free()
+}
+
+impl Entry {
+    fn pack(self) -> u128 {
+        (self.meta as u128) << 64 | self.data as u128
+    }
+
+    fn unpack(v: u128) -> Entry {
+        Entry {
+            data: v as u64,
+            meta: (v >> 64) as u64,
+        }
+    }
 }
 
 /// A locked slot. Dropping it unlocks.
@@ -108,25 +143,40 @@ impl Slot {
     pub fn lock(&self) -> SlotGuard<'_> {
         let mut backoff = preempt::Backoff::new();
         loop {
-            let meta = self.meta.load(Relaxed);
-            if meta & LOCK == 0 {
+            let v = self.0.load(Relaxed);
+            let entry = Entry::unpack(v);
+            if entry.meta & LOCK == 0 {
+                let locked = Entry {
+                    meta: entry.meta | LOCK,
+                    ..entry
+                };
                 if self
-                    .meta
-                    .compare_exchange_weak(meta, meta | LOCK, Acquire, Relaxed)
+                    .0
+                    .compare_exchange_weak(v, locked.pack(), Acquire, Relaxed)
                     .is_ok()
                 {
-                    return SlotGuard {
-                        slot: self,
-                        entry: Entry {
-                            data: self.data.load(Relaxed),
-                            meta,
-                        },
-                    };
+                    return SlotGuard { slot: self, entry };
                 }
             } else {
                 backoff.snooze();
             }
         }
+    }
+}
+
+impl Slot {
+    /// The entry, without locking (recovery, before anyone else can see the slot).
+    pub fn peek(&self) -> Entry {
+        Entry::unpack(self.0.load(Acquire))
+    }
+
+    /// Recovery: drops the lock and maintenance mark a dead process may have left; returns
+    /// the entry.
+    pub fn reset(&self) -> Entry {
+        let mut e = self.peek();
+        e.meta &= !(LOCK | MAINT);
+        self.0.store(e.pack(), Release);
+        e
     }
 }
 
@@ -156,8 +206,11 @@ impl SlotGuard<'_> {
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        self.slot.data.store(self.entry.data, Relaxed);
-        self.slot.meta.store(self.entry.meta & !LOCK, Release);
+        let e = Entry {
+            meta: self.entry.meta & !LOCK,
+            ..self.entry
+        };
+        self.slot.0.store(e.pack(), Release);
     }
 }
 
@@ -166,8 +219,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_is_sixteen_bytes() {
+    fn a_slot_is_sixteen_bytes_updated_at_once() {
         assert_eq!(std::mem::size_of::<Slot>(), 16);
+        assert!(updates_are_atomic(), "no 16-byte atomics on this machine");
     }
 
     #[test]

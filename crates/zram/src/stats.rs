@@ -3,10 +3,13 @@
 //! the daemon's `stat` command as they are.
 
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 
-/// The device's running counters.
+/// The device's running counters. With a state directory they live in the device's file
+/// (see `state`), so that they carry on across restarts; the ones that describe what is stored
+/// (pages, sizes, same, huge, written back) are recounted from the slots at every attach.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub(crate) struct Counters {
     pub pages_stored: AtomicU64,
     pub compr_data_size: AtomicU64,
@@ -25,8 +28,12 @@ pub(crate) struct Counters {
     pub read_bytes: AtomicU64,
     pub write_bytes: AtomicU64,
     pub writeback_limit: AtomicU64,
-    pub writeback_limit_enable: AtomicBool,
+    /// 0 or 1 (an integer: the counters may live in a file, where a bool could be anything).
+    pub writeback_limit_enable: AtomicU64,
 }
+
+// SAFETY: a struct of AtomicU64 only: every bit pattern, zero included, is valid.
+unsafe impl region::Zeroable for Counters {}
 
 /// zram's `mm_stat`, in bytes unless named in pages.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

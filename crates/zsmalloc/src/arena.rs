@@ -37,6 +37,14 @@ struct FreeLists {
     next_fresh: u32,
 }
 
+/// The arena names pages with 32 bits.
+pub(crate) fn check_capacity(capacity: usize) -> Result<(), Error> {
+    if capacity == 0 || capacity > u32::MAX as usize {
+        return Err(Error::InvalidConfig("arena capacity must be 1..2^32 pages"));
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct Arena {
     pages: Region<PageFrame>,
@@ -47,15 +55,49 @@ pub struct Arena {
 
 impl Arena {
     pub fn new(capacity: usize, limit: usize) -> Result<Arena, Error> {
-        if capacity == 0 || capacity > u32::MAX as usize {
-            return Err(Error::InvalidConfig("arena capacity must be 1..2^32 pages"));
-        }
-        Ok(Arena {
-            pages: Region::reserve(capacity).map_err(Error::Reserve)?,
+        check_capacity(capacity)?;
+        Ok(Self::with_pages(
+            Region::reserve(capacity).map_err(Error::Reserve)?,
+            limit,
+        ))
+    }
+
+    /// An arena over pages mapped by the caller (a file: see [`crate::PoolFiles`]), all free.
+    pub(crate) fn with_pages(pages: Region<PageFrame>, limit: usize) -> Arena {
+        let capacity = pages.capacity();
+        Arena {
+            pages,
             free: Mutex::new(FreeLists::default()),
             used: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit.min(capacity)),
-        })
+        }
+    }
+
+    /// Recovery: `in_use` (sorted, no duplicates) are the pages that live zspages hold; every
+    /// other page is free, and whatever a dead process left in it is handed back to the OS.
+    /// Called before the arena is shared.
+    pub(crate) fn restore(&mut self, in_use: &[u32]) {
+        let fresh = in_use.last().map_or(0, |&p| p + 1);
+        let f = self.free.get_mut();
+        f.next_fresh = fresh;
+        let mut expected = 0;
+        for &p in in_use.iter().chain([fresh].iter()) {
+            f.cold.extend(expected..p);
+            if p > expected {
+                // SAFETY: no zspage holds these pages, and the arena is not shared yet.
+                unsafe {
+                    self.pages
+                        .discard(expected as usize, (p - expected) as usize)
+                };
+            }
+            expected = p + 1;
+        }
+        let cap = self.pages.capacity();
+        if (fresh as usize) < cap {
+            // SAFETY: never handed out in this life; not shared yet.
+            unsafe { self.pages.discard(fresh as usize, cap - fresh as usize) };
+        }
+        *self.used.get_mut() = in_use.len();
     }
 
     pub fn capacity(&self) -> usize {

@@ -64,7 +64,7 @@ mod pool;
 mod zspage;
 
 pub use class::{Layout, SizeClass};
-pub use pool::{ClassStats, Config, Handle, Pool, PoolStats, ReadGuard};
+pub use pool::{ClassStats, Config, Handle, Pool, PoolFiles, PoolStats, ReadGuard};
 pub use zspage::NR_GROUPS;
 
 /// Size of a page of the pool, and the largest object (defined in `region`).
@@ -83,4 +83,14 @@ pub enum Error {
     InvalidConfig(&'static str),
     #[error("cannot reserve the pool's address space: {0}")]
     Reserve(#[source] std::io::Error),
+    #[error("the pool's {what} file: {source}")]
+    File {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("inconsistent pool state: {0}")]
+    Corrupt(String),
+    #[error("inconsistent pool state: handle {handle} {why}")]
+    BadHandle { handle: u32, why: String },
 }

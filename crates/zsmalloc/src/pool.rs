@@ -3,17 +3,19 @@
 
 mod compact;
 mod handles;
+mod recover;
 
 pub use handles::Handle;
 
-use crate::arena::Arena;
+use crate::arena::{Arena, PageFrame};
 use crate::class::{Layout, MAX_CHAIN, MIN_CHAIN, MIN_CLASS_SIZE, SizeClass};
 use crate::zspage::{GROUP_FULL, NONE, NONE16, NR_GROUPS, ZsPage, group_of};
 use crate::{Error, PAGE_SIZE};
 use handles::{HandleIds, IdAlloc, entry};
 use parking_lot::Mutex;
 use preempt::NonSleepGuard;
-use region::Region;
+use region::{Region, Zeroable};
+use std::fs::File;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
 /// Tag in a normal object's header: the slot holds an object of the handle in the low bits.
@@ -42,6 +44,50 @@ impl Default for Config {
             page_limit: capacity,
         }
     }
+}
+
+/// The files of a pool that outlives its process: pages, zspage records and the handle table,
+/// each mapped shared from byte `offset` on (the bytes before it are the caller's, for a
+/// header). [`Pool::create`] sizes them; [`Pool::recover`] checks their sizes.
+#[derive(Debug)]
+pub struct PoolFiles {
+    pub pages: File,
+    pub zspages: File,
+    pub handles: File,
+    /// Where the pool's data starts in each file (a multiple of 4096).
+    pub offset: u64,
+}
+
+impl Config {
+    /// Handles a pool of this configuration can hand out: enough for a pool full of the
+    /// smallest objects, within the object header's 31 bits.
+    fn max_handles(&self) -> usize {
+        (self.capacity_pages * (PAGE_SIZE / MIN_CLASS_SIZE) + 1).min(OBJ_ALLOCATED as usize - 1)
+    }
+}
+
+/// Maps `cap` records of `file` after `offset`, first making the file that long if `create`.
+fn map<T: Zeroable>(
+    file: &File,
+    offset: u64,
+    cap: usize,
+    create: bool,
+    what: &'static str,
+) -> Result<Region<T>, Error> {
+    let err = |source| Error::File { what, source };
+    let want = offset + (cap * std::mem::size_of::<T>()) as u64;
+    if create {
+        file.set_len(want).map_err(err)?;
+    } else {
+        let len = file.metadata().map_err(err)?.len();
+        if len != want {
+            return Err(err(std::io::Error::other(format!(
+                "{len} bytes; this pool's geometry needs {want} (truncated, or made with \
+                 another geometry)"
+            ))));
+        }
+    }
+    Region::map_file(file.try_clone().map_err(err)?, offset, cap).map_err(err)
 }
 
 /// A class's allocation lists, under its lock.
@@ -144,16 +190,56 @@ impl Drop for ReadGuard<'_> {
 }
 
 impl Pool {
-    /// Makes a pool; reserves (but does not commit) its address space.
+    /// Makes a pool in anonymous memory; reserves (but does not commit) its address space.
     pub fn new(cfg: Config) -> Result<Pool, Error> {
+        Self::check(&cfg)?;
+        let max_handles = cfg.max_handles();
+        Self::with_regions(
+            &cfg,
+            Region::reserve(cfg.capacity_pages).map_err(Error::Reserve)?,
+            Region::reserve(cfg.capacity_pages).map_err(Error::Reserve)?,
+            Region::reserve(max_handles).map_err(Error::Reserve)?,
+        )
+    }
+
+    /// Makes an empty pool in `files` (fresh, empty files: they are sized here, sparse). Its
+    /// objects outlive the process; [`Pool::recover`] attaches to them again.
+    pub fn create(cfg: Config, files: &PoolFiles) -> Result<Pool, Error> {
+        let (pages, zspages, handles) = Self::map_files(&cfg, files, true)?;
+        Self::with_regions(&cfg, pages, zspages, handles)
+    }
+
+    fn check(cfg: &Config) -> Result<(), Error> {
         if !(MIN_CHAIN..=MAX_CHAIN).contains(&cfg.max_chain) {
             return Err(Error::InvalidConfig("max_chain must be 4..=16"));
         }
+        crate::arena::check_capacity(cfg.capacity_pages)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn map_files(
+        cfg: &Config,
+        f: &PoolFiles,
+        create: bool,
+    ) -> Result<(Region<PageFrame>, Region<ZsPage>, Region<AtomicU64>), Error> {
+        Self::check(cfg)?;
+        let cap = cfg.capacity_pages;
+        Ok((
+            map(&f.pages, f.offset, cap, create, "pages")?,
+            map(&f.zspages, f.offset, cap, create, "zspages")?,
+            map(&f.handles, f.offset, cfg.max_handles(), create, "handles")?,
+        ))
+    }
+
+    fn with_regions(
+        cfg: &Config,
+        pages: Region<PageFrame>,
+        zspages: Region<ZsPage>,
+        handles: Region<AtomicU64>,
+    ) -> Result<Pool, Error> {
         let layout = Layout::new(cfg.max_chain);
-        let arena = Arena::new(cfg.capacity_pages, cfg.page_limit)?;
-        // Enough handles for a pool full of the smallest objects, within the header's 31 bits.
-        let max_handles =
-            (cfg.capacity_pages * (PAGE_SIZE / MIN_CLASS_SIZE) + 1).min(OBJ_ALLOCATED as usize - 1);
+        let arena = Arena::with_pages(pages, cfg.page_limit);
+        let max_handles = handles.capacity();
         let classes = layout
             .classes
             .iter()
@@ -170,13 +256,13 @@ impl Pool {
         Ok(Pool {
             layout,
             classes,
-            zspages: Region::reserve(cfg.capacity_pages).map_err(Error::Reserve)?,
+            zspages,
             zspage_ids: Mutex::new(IdAlloc {
                 free: Vec::new(),
                 next: 0,
                 cap: cfg.capacity_pages as u32,
             }),
-            handles: Region::reserve(max_handles).map_err(Error::Reserve)?,
+            handles,
             handle_ids: HandleIds::new(max_handles as u32),
             arena,
             pages_compacted: AtomicU64::new(0),

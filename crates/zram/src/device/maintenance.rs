@@ -164,31 +164,32 @@ impl Device {
                 &old,
                 Entry::new(State::WrittenBack, block, len, old.prio()),
             );
-            self.counters.bd_writes.fetch_add(1, Relaxed);
+            self.counters().bd_writes.fetch_add(1, Relaxed);
             written += 1;
         }
         Ok(written)
     }
 
     fn take_writeback_budget(&self) -> bool {
-        let c = &self.counters;
-        !c.writeback_limit_enable.load(Relaxed)
+        let c = self.counters();
+        c.writeback_limit_enable.load(Relaxed) == 0
             || c.writeback_limit
                 .fetch_update(Relaxed, Relaxed, |l| l.checked_sub(1))
                 .is_ok()
     }
 
     fn return_writeback_budget(&self) {
-        if self.counters.writeback_limit_enable.load(Relaxed) {
-            self.counters.writeback_limit.fetch_add(1, Relaxed);
+        if self.counters().writeback_limit_enable.load(Relaxed) != 0 {
+            self.counters().writeback_limit.fetch_add(1, Relaxed);
         }
     }
 
     /// zram's `writeback_limit_enable` and `writeback_limit` (in pages).
     pub fn set_writeback_limit(&self, limit: Option<u64>) {
-        let c = &self.counters;
+        let c = self.counters();
         c.writeback_limit.store(limit.unwrap_or(0), Relaxed);
-        c.writeback_limit_enable.store(limit.is_some(), Relaxed);
+        c.writeback_limit_enable
+            .store(limit.is_some() as u64, Relaxed);
     }
 
     /// Compacts the pool this device's data lives in. Returns pages freed.

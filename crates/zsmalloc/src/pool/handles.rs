@@ -8,6 +8,7 @@ use super::Pool;
 use crate::Error;
 use parking_lot::Mutex;
 use preempt::NonSleepGuard;
+use region::Region;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
@@ -146,6 +147,41 @@ impl HandleIds {
             .lock()
             .free
             .push(id % self.per_shard);
+    }
+
+    /// Recovery: `live` (sorted) are the handles in use. In each shard, ids up to its highest
+    /// live one that are not live become free, with their entries cleared; entries above it
+    /// are discarded (zeroed). Called before the pool is shared.
+    pub(super) fn restore(&mut self, live: &[u32], table: &Region<AtomicU64>) {
+        let per = self.per_shard;
+        let mut live = live.iter().copied().peekable();
+        let last = self.shards.len() - 1;
+        for (s, shard) in self.shards.iter_mut().enumerate() {
+            let base = s as u32 * per;
+            let ids = shard.0.get_mut();
+            ids.free.clear();
+            ids.next = (s == 0) as u32;
+            let mut k = ids.next;
+            while let Some(id) = live.next_if(|&id| id < base + per) {
+                for free in k..id - base {
+                    table.get((base + free) as usize).store(0, Relaxed);
+                    ids.free.push(free);
+                }
+                k = id - base + 1;
+            }
+            ids.next = k;
+            let end = if s == last {
+                table.capacity()
+            } else {
+                (base + per) as usize
+            };
+            let from = (base + k) as usize;
+            if from < end {
+                // SAFETY: no handle above the shard's highest live id is in use, and the pool
+                // is not shared yet.
+                unsafe { table.discard(from, end - from) };
+            }
+        }
     }
 
     /// Ids handed out at least once: the touched part of the handle table.
