@@ -60,7 +60,7 @@ pub struct ServeArgs {
 
     /// Most host memory the pool may use for all devices together (K/M/G); writes beyond
     /// it fail with an I/O error in the guest. 0 = no limit.
-    #[arg(long, value_name = "SIZE", value_parser = parse_mem_size, default_value = "0")]
+    #[arg(long, value_name = "SIZE", value_parser = zram::parse_size, default_value = "0")]
     pub mem_limit: u64,
 
     /// File that `vzram writeback` moves idle or huge pages to (created sparse, 0600). One
@@ -73,6 +73,13 @@ pub struct ServeArgs {
     /// content is overwritten (what a previous daemon wrote back is lost anyway).
     #[arg(long)]
     pub backing_file_overwrite: bool,
+
+    /// Keep the store (pool, slot tables, counters) in files in DIR (tmpfs: /dev/shm, /run),
+    /// so that a restart, an upgrade or a crash of the daemon costs no guest a page: started
+    /// again with the same options, vzram attaches to DIR and serves the same data. Created
+    /// 0700 if missing; locked while in use. Devices are matched by name.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// Offer the disk read-only (VIRTIO_BLK_F_RO).
     #[arg(long)]
@@ -165,10 +172,6 @@ fn parse_disk_size(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(n)
-}
-
-fn parse_mem_size(s: &str) -> Result<u64, String> {
-    zram::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -299,6 +302,8 @@ pub enum BuildError {
     Device { name: String, source: zram::Error },
     #[error("store: {0}")]
     Store(zram::Error),
+    #[error("{0}")]
+    State(zram::Error),
     #[error("{}: the control socket cannot also be the socket of device {name}", path.display())]
     ControlIsDeviceSocket { path: PathBuf, name: String },
 }
@@ -346,6 +351,7 @@ pub struct Config {
     pub store: zram::StoreConfig,
     pub queue_size: u16,
     pub backing_file_overwrite: bool,
+    pub state_dir: Option<PathBuf>,
     pub socket_mode: u32,
     pub control: PathBuf,
     pub control_mode: u32,
@@ -426,6 +432,7 @@ impl TryFrom<&ServeArgs> for Config {
             },
             queue_size: args.queue_size,
             backing_file_overwrite: args.backing_file_overwrite,
+            state_dir: args.state_dir.clone(),
             socket_mode: args.socket_mode,
             control,
             control_mode: args.control_mode,
@@ -461,7 +468,12 @@ impl Config {
 
     /// Builds the shared store and the devices (and opens their backing files).
     pub fn build(&self) -> Result<Built, BuildError> {
-        if !self.backing_file_overwrite {
+        // A state's backing files hold its written-back pages: they are its own to reuse.
+        let attaching = self
+            .state_dir
+            .as_ref()
+            .is_some_and(|d| d.join(zram::state::HEADER).exists());
+        if !self.backing_file_overwrite && !attaching {
             for d in &self.devices {
                 if let Some(path) = &d.backing_file
                     && let Some(what) =
@@ -479,22 +491,49 @@ impl Config {
             }
         }
         let comp = Arc::new(zcomp::Comp::with_secondaries(&self.comp, &self.recomp)?);
-        let store = zram::Store::new(self.store.clone()).map_err(BuildError::Store)?;
-        let store = Arc::new(store);
+        let config = |d: &DeviceConfig| zram::Config {
+            size: d.size,
+            backing_file: d.backing_file.clone(),
+        };
+        let (store, zdevices) = if let Some(dir) = &self.state_dir {
+            let specs: Vec<_> = self
+                .devices
+                .iter()
+                .map(|d| zram::state::DeviceSpec {
+                    name: d.name.clone(),
+                    config: config(d),
+                    comp: comp.clone(),
+                })
+                .collect();
+            let o = zram::state::open(dir, &self.store, &specs).map_err(BuildError::State)?;
+            for w in &o.warnings {
+                log::warn!("{w}");
+            }
+            log::info!(
+                "state {}: {:?}, {} pages stored, attached in {:.1} ms",
+                dir.display(),
+                o.attach,
+                o.pages,
+                o.took.as_secs_f64() * 1e3
+            );
+            (o.store, o.devices)
+        } else {
+            let store = Arc::new(zram::Store::new(self.store.clone()).map_err(BuildError::Store)?);
+            let mut devices = Vec::new();
+            for d in &self.devices {
+                devices.push(
+                    zram::Device::new(store.clone(), comp.clone(), config(d)).map_err(
+                        |source| BuildError::Device {
+                            name: d.name.clone(),
+                            source,
+                        },
+                    )?,
+                );
+            }
+            (store, devices)
+        };
         let mut devices = Vec::new();
-        for d in &self.devices {
-            let device = zram::Device::new(
-                store.clone(),
-                comp.clone(),
-                zram::Config {
-                    size: d.size,
-                    backing_file: d.backing_file.clone(),
-                },
-            )
-            .map_err(|source| BuildError::Device {
-                name: d.name.clone(),
-                source,
-            })?;
+        for (d, device) in self.devices.iter().zip(zdevices) {
             let served = Served::new(
                 d.name.clone(),
                 d.socket.clone(),

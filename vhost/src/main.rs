@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+use std::sync::Arc;
 use vzram::cli::{Config, ServeArgs};
 use vzram::client::ClientCommand;
 use vzram::control::{self, Server};
@@ -124,14 +125,31 @@ fn serve(args: &ServeArgs) -> ExitCode {
     }
     let _ = rx.recv();
     log::info!("shutting down");
-    // Guest data lives only in this process; there is nothing to flush. Remove the sockets so
-    // that nobody connects to a daemon that is gone, then their lock files.
+    // Remove the sockets so that nobody connects to a daemon that is gone, then their lock
+    // files.
     for socket in claimed {
         socket.release();
     }
     let _ = std::fs::remove_file(&config.control);
     control_lock.release();
-    // Exit without waiting for connected frontends to hang up (dropping the servers would).
+    if built.store.is_persistent() {
+        // The guests' data stays in the state directory for the next daemon. Cut the
+        // frontends off and let in-flight requests finish, then drop the last user of the
+        // store, which marks the state clean (attaching recovers either way).
+        for s in servers {
+            s.stop();
+        }
+        drop(control);
+        let store = built.store.clone();
+        drop(built);
+        if Arc::strong_count(&store) > 1 {
+            log::warn!("the store is still in use: the state is left marked in use");
+        }
+        drop(store);
+        std::process::exit(0)
+    }
+    // Guest data lives only in this process; there is nothing to flush. Exit without waiting
+    // for connected frontends to hang up (dropping the servers would).
     std::process::exit(0)
 }
 

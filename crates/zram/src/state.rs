@@ -61,7 +61,8 @@ use zsmalloc::{Handle, Pool, PoolFiles};
 pub const VERSION: u32 = 1;
 const MAGIC: &str = "vzram-state";
 const FILE_MAGIC: u64 = u64::from_le_bytes(*b"VZRAMST\0");
-const HEADER: &str = "state.json";
+/// The header's file name in the state directory.
+pub const HEADER: &str = "state.json";
 /// Pool files: data after one head page. Slot files: a head page, a counters page, slots.
 const POOL_DATA: u64 = PAGE_SIZE as u64;
 const COUNTERS_AT: u64 = PAGE_SIZE as u64;

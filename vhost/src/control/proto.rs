@@ -306,11 +306,6 @@ fn parse_age(s: &str) -> Result<Option<u64>, String> {
     secs.map(Some).ok_or_else(bad)
 }
 
-/// A size with an optional K, M, G or T suffix, as zram takes it.
-fn parse_size(s: &str) -> Result<u64, String> {
-    zram::parse_size(s).map_err(|e| e.to_string())
-}
-
 /// Recompress pages of `type` with the secondary algorithm of `priority` (default 1).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -324,7 +319,7 @@ pub struct Recompress {
     #[serde(rename = "type")]
     pub page_type: PageType,
     /// Only pages whose compressed size is at least this many bytes (K suffix allowed)
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", value_parser = zram::parse_size)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<u64>,
     /// Try at most this many pages
@@ -503,7 +498,7 @@ impl Command for WritebackLimit {
 #[serde(deny_unknown_fields)]
 pub struct MemLimit {
     /// Bytes, with an optional K, M, G or T suffix (e.g. 2G); 0 removes the limit
-    #[arg(value_name = "SIZE", value_parser = parse_size)]
+    #[arg(value_name = "SIZE", value_parser = zram::parse_size)]
     pub bytes: u64,
 }
 
