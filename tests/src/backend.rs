@@ -302,6 +302,18 @@ impl Backend {
         fs::metadata(f).ok().map(|m| m.blocks() * 512)
     }
 
+    /// Kills the backend with SIGKILL, as a crash would, and reaps it; its socket file and
+    /// disk file stay (a new backend in the same directory takes them over). Returns its log.
+    pub fn kill(&mut self) -> String {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.child_mut().kill();
+            let _ = p.child_mut().wait();
+        }
+        self.socket = None;
+        self.disk_file = None;
+        self.log()
+    }
+
     /// Stops the backend (SIGTERM, then SIGKILL after 5 s); returns its log. Drop does the same.
     pub fn stop(&mut self) -> String {
         if let Some(mut p) = self.proc.take() {

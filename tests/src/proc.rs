@@ -27,7 +27,9 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd`; `name` is for messages; `grace` is how long SIGTERM gets before SIGKILL
-    /// (zero: SIGKILL at once).
+    /// (zero: SIGKILL at once). The child is killed when the *thread* that spawned it ends
+    /// (PR_SET_PDEATHSIG), so that no child outlives a test: spawn from a thread that lives as
+    /// long as the child should.
     pub fn spawn(mut cmd: Command, name: &str, grace: Duration) -> io::Result<Proc> {
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec and calls only prctl and

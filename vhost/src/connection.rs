@@ -627,6 +627,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
                 ring.kick = Some(kick);
                 ring.started = true;
                 ring.broken = false;
+                ring.announce = true;
                 if self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
                     ring.enabled = true;
                 }

@@ -37,6 +37,12 @@ pub(crate) struct Ring {
     pub started: bool,
     /// The ring was found corrupt; not served again until it is stopped or the device reset.
     pub broken: bool,
+    /// Set when the ring starts: the first pass signals the guest even if it completes
+    /// nothing. A backend that died (a crash, `--state-dir`) may have added used entries it
+    /// never signalled; with EVENT_IDX the driver's `used_event` then lies behind the ring's
+    /// used index and no later completion would ever cross it: the guest would wait for ever.
+    /// One spurious interrupt per start is harmless.
+    pub announce: bool,
 }
 
 impl Ring {
@@ -73,6 +79,7 @@ impl VringShared {
                 enabled: false,
                 started: false,
                 broken: false,
+                announce: false,
             }),
             wake: EventFd::new(EFD_NONBLOCK)?,
             exit: AtomicBool::new(false),
@@ -222,6 +229,10 @@ fn serve(vring: &VringShared, conn: &Shared, worker: &mut Worker) -> bool {
         let notify = match completed {
             0 => Ok(false),
             _ => ring.queue.needs_notification(&*mem),
+        };
+        let notify = match std::mem::take(&mut ring.announce) {
+            true => notify.map(|_| true),
+            false => notify,
         };
         match notify {
             Ok(true) => {

@@ -479,6 +479,26 @@ fn reconnect_keeps_the_data() {
     assert!(d.served.connected.load(Ordering::Relaxed));
 }
 
+/// A backend that died may have added used entries it never signalled; with EVENT_IDX the
+/// guest's `used_event` then stays behind, and no later completion would interrupt it. So a
+/// started ring signals its call fd once, even before any request (what made a guest hang
+/// after a `kill -9` of the daemon and a reconnect).
+#[test]
+fn a_started_ring_signals_the_guest_once() {
+    let d = daemon();
+    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let q = dev.take_queue(0).unwrap();
+    let call = q.call_fd();
+    let mut signalled = 0;
+    wait_until("the start signal", || {
+        signalled += call.read().unwrap_or(0);
+        signalled > 0
+    });
+    assert_eq!(signalled, 1);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(call.read().is_err(), "signalled again without a request");
+}
+
 #[test]
 fn get_vring_base_waits_for_requests_in_flight() {
     let d = daemon();

@@ -63,6 +63,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "ALGO", default_value = "lz4")]
     pub comp: String,
 
+    /// Keep the in-process device's store in DIR, as `vzram serve --state-dir` does (an
+    /// existing state there is attached to). After the jobs the state is attached again and
+    /// the time it took is reported: what a restart costs.
+    #[arg(long, value_name = "DIR", conflicts_with = "socket")]
+    pub state_dir: Option<PathBuf>,
+
     /// Queues the in-process device offers.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub num_queues: u16,
@@ -98,6 +104,16 @@ pub struct BenchReport {
     pub jobs: Vec<JobReport>,
     /// zram's mm_stat after the last job (in-process device and store-only runs).
     pub mm_stat: Option<zram::MmStat>,
+    /// With --state-dir: attaching to the state again after the jobs.
+    pub reattach: Option<Reattach>,
+}
+
+/// What attaching to a state directory again cost.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Reattach {
+    pub pages: u64,
+    pub pool_bytes: u64,
+    pub millis: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +142,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
             target: socket.display().to_string(),
             jobs: report.jobs,
             mm_stat: None,
+            reattach: None,
         });
     }
     let device = in_process_device(args)?;
@@ -139,10 +156,13 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         let opts = load_options(PathBuf::new(), jobs, mix, args);
         let mut target = StoreTarget::new(device.clone(), load::max_numjobs(&opts));
         let report = load::run_on(&mut target, &opts)?;
+        let mm_stat = device.stats().mm_stat;
+        drop((target, device));
         return Ok(BenchReport {
             target: format!("store ({})", args.comp),
             jobs: report.jobs,
-            mm_stat: Some(device.stats().mm_stat),
+            mm_stat: Some(mm_stat),
+            reattach: reattach(args)?,
         });
     }
     // Several runs may share a process (tests): each gets its own directory.
@@ -174,11 +194,41 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     // Hang up first: stopping waits for the connection to end.
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
+    let mm_stat = device.stats().mm_stat;
+    drop(device);
     Ok(BenchReport {
         target: format!("vzram in-process ({})", args.comp),
         jobs: result?.jobs,
-        mm_stat: Some(device.stats().mm_stat),
+        mm_stat: Some(mm_stat),
+        reattach: reattach(args)?,
     })
+}
+
+/// With --state-dir, once the run's device is gone: attaches to the state again, timed.
+fn reattach(args: &BenchArgs) -> Result<Option<Reattach>, BenchError> {
+    let Some(dir) = &args.state_dir else {
+        return Ok(None);
+    };
+    let o = open_state(args, dir)?;
+    Ok(Some(Reattach {
+        pages: o.pages,
+        pool_bytes: o.store.mem_used_total(),
+        millis: o.took.as_secs_f64() * 1e3,
+    }))
+}
+
+fn open_state(args: &BenchArgs, dir: &std::path::Path) -> Result<zram::state::Opened, BenchError> {
+    let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
+    let comp = Arc::new(zcomp::Comp::parse(&args.comp, &[]).map_err(|e| setup(&e))?);
+    let spec = zram::state::DeviceSpec {
+        name: "bench".into(),
+        config: zram::Config {
+            size: args.size,
+            backing_file: None,
+        },
+        comp,
+    };
+    zram::state::open(dir, &zram::StoreConfig::default(), &[spec]).map_err(|e| setup(&e))
 }
 
 fn load_options(socket: PathBuf, jobs: Vec<Job>, mix: Mix, args: &BenchArgs) -> LoadOptions {
@@ -211,6 +261,10 @@ pub fn load_pages(path: &std::path::Path) -> Result<Arc<load::RealPages>, BenchE
 }
 
 fn in_process_device(args: &BenchArgs) -> Result<Arc<zram::Device>, BenchError> {
+    if let Some(dir) = &args.state_dir {
+        let device = open_state(args, dir)?.devices.pop().expect("one device");
+        return Ok(Arc::new(device));
+    }
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
     let comp = Arc::new(zcomp::Comp::parse(&args.comp, &[]).map_err(|e| setup(&e))?);
     let store = Arc::new(zram::Store::new(zram::StoreConfig::default()).map_err(|e| setup(&e))?);
@@ -249,6 +303,15 @@ impl std::fmt::Display for BenchReport {
         }
         if let Some(mm) = &self.mm_stat {
             writeln!(f, "mm_stat {}", mm.line())?;
+        }
+        if let Some(r) = &self.reattach {
+            writeln!(
+                f,
+                "state attached again in {:.1} ms: {} pages stored in {:.1} MiB",
+                r.millis,
+                r.pages,
+                r.pool_bytes as f64 / (1 << 20) as f64
+            )?;
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! The store against the bare codec on the same swap-like pages, in the same run: write_page vs
-//! compress, read_page vs decompress; and writes on 1 vs 2 threads.
+//! compress, read_page vs decompress; writes on 1 vs 2 threads; and a store in memory against
+//! one in a state directory on tmpfs (`--state-dir`).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pagemix::{Mix, PAGE_SIZE, fill_page};
@@ -115,5 +116,58 @@ fn scaling(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, store_vs_codec, scaling);
+fn state_vs_memory(c: &mut Criterion) {
+    let data = pages();
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("vzram-bench-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let comp = Arc::new(zcomp::Comp::parse("lz4", &[]).unwrap());
+    let spec = zram::state::DeviceSpec {
+        name: "bench".into(),
+        config: Config {
+            size: PAGES * PAGE_SIZE as u64,
+            backing_file: None,
+        },
+        comp,
+    };
+    let mut opened = zram::state::open(&dir, &zram::StoreConfig::default(), &[spec]).unwrap();
+    let devices = [
+        ("memory", device("lz4", PAGES)),
+        ("state_dir", opened.devices.pop().unwrap()),
+    ];
+    let mut g = c.benchmark_group("state_lz4");
+    g.sample_size(20).measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Elements(1));
+    for (name, dev) in &devices {
+        let mut s = dev.new_stream();
+        for (i, p) in data.iter().enumerate() {
+            dev.write_page(i as u64, p, &mut s).unwrap();
+        }
+        let mut i = 0usize;
+        g.bench_function(format!("{name}_write_page"), |b| {
+            b.iter(|| {
+                i = (i + 1) % data.len();
+                dev.write_page(i as u64, &data[i], &mut s).unwrap()
+            })
+        });
+        let mut out = [0u8; PAGE_SIZE];
+        g.bench_function(format!("{name}_read_page"), |b| {
+            b.iter(|| {
+                i = (i + 1) % data.len();
+                dev.read_page(i as u64, &mut out, &mut s).unwrap();
+                black_box(out[0])
+            })
+        });
+    }
+    g.finish();
+    drop(devices);
+    drop(opened);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, store_vs_codec, scaling, state_vs_memory);
 criterion_main!(benches);
