@@ -70,7 +70,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     let mut claimed = Vec::new();
     for d in &config.devices {
-        match sockets::claim(&d.socket, config.socket_mode) {
+        match sockets::claim_owned(&d.socket, config.socket_mode, d.socket_group) {
             Ok(c) => claimed.push(c),
             Err(e) => fail(&e, claimed, None),
         }
@@ -92,6 +92,18 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => fail(&e, claimed, Some(control_lock)),
     };
+    // --control-group: the control thread bound its socket 0600-or-given mode and root's
+    // group; hand it to the group before anything announces that vzram is up.
+    if let Some(gid) = config.control_group
+        && let Err(e) = std::os::unix::fs::lchown(&config.control, None, Some(gid))
+    {
+        drop(control);
+        fail(
+            &format!("control socket {}: {e}", config.control.display()),
+            claimed,
+            Some(control_lock),
+        );
+    }
     let mut servers = Vec::new();
     for ((served, blk), socket) in built.devices.iter().zip(&claimed) {
         let started = socket
