@@ -64,12 +64,27 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => fail(&e, Vec::new(), None),
     };
+    // systemd socket activation: the device sockets systemd already listens on.
+    let mut inherited = match inherited_sockets(&config) {
+        Ok(i) => i,
+        Err(e) => fail(&e, Vec::new(), None),
+    };
     let built = match config.build() {
         Ok(b) => b,
         Err(e) => fail(&e, Vec::new(), None),
     };
     let mut claimed = Vec::new();
-    for d in &config.devices {
+    for (d, inherited) in config.devices.iter().zip(&mut inherited) {
+        if let Some(l) = inherited.take() {
+            // Its mode and group are the socket unit's (SocketMode=, SocketGroup=).
+            log::info!(
+                "{}: socket {} inherited from systemd",
+                d.name,
+                d.socket.display()
+            );
+            claimed.push(ClaimedSocket::inherited(l.listener, d.socket.clone()));
+            continue;
+        }
         match sockets::claim_owned(&d.socket, config.socket_mode, d.socket_group) {
             Ok(c) => claimed.push(c),
             Err(e) => fail(&e, claimed, None),
@@ -135,10 +150,12 @@ fn serve(args: &ServeArgs) -> ExitCode {
             }
         }
     }
+    notify("READY=1");
     let _ = rx.recv();
     log::info!("shutting down");
+    notify("STOPPING=1");
     // Remove the sockets so that nobody connects to a daemon that is gone, then their lock
-    // files.
+    // files. Inherited sockets stay: systemd keeps them listening for the next start.
     for socket in claimed {
         socket.release();
     }
@@ -163,6 +180,25 @@ fn serve(args: &ServeArgs) -> ExitCode {
     // Guest data lives only in this process; there is nothing to flush. Exit without waiting
     // for connected frontends to hang up (dropping the servers would).
     std::process::exit(0)
+}
+
+/// The listening sockets systemd passed (socket activation), one entry per device.
+fn inherited_sockets(
+    config: &Config,
+) -> Result<Vec<Option<vzram::systemd::ListenFd>>, vzram::systemd::SystemdError> {
+    let devices: Vec<_> = config
+        .devices
+        .iter()
+        .map(|d| (d.name.as_str(), d.socket.as_path()))
+        .collect();
+    vzram::systemd::assign(&devices, vzram::systemd::listen_fds()?)
+}
+
+/// Tells systemd (`Type=notify`) about a change of state; a failure is only logged.
+fn notify(state: &str) {
+    if let Err(e) = vzram::systemd::notify(state) {
+        log::warn!("NOTIFY_SOCKET: sending {state}: {e}");
+    }
 }
 
 /// Start-up failed: one line, release what this process claimed, exit with status 2.
