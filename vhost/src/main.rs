@@ -34,6 +34,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `vzram generate-docs DIR`, for building the package (ci/package): kept out of the clap
+    // definitions so that neither `--help`, the man pages nor the completions offer it.
+    let argv: Vec<_> = std::env::args_os().skip(1).collect();
+    if let [cmd, dir] = &argv[..]
+        && cmd == "generate-docs"
+    {
+        let dir = std::path::Path::new(dir);
+        return match generate_docs(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vzram: generate-docs {}: {e}", dir.display());
+                ExitCode::from(2)
+            }
+        };
+    }
     let cli: Cli = vzram::cli::parse_or_exit("vzram");
     match cli.command {
         Command::Serve(args) => serve(&args),
@@ -180,6 +195,21 @@ fn serve(args: &ServeArgs) -> ExitCode {
     // Guest data lives only in this process; there is nothing to flush. Exit without waiting
     // for connected frontends to hang up (dropping the servers would).
     std::process::exit(0)
+}
+
+/// `vzram generate-docs DIR`: the man pages (DIR/man/*.1) and shell completions
+/// (DIR/completions: bash, zsh, fish), made from the clap definitions.
+fn generate_docs(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let (man, completions) = (dir.join("man"), dir.join("completions"));
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "vzram", &completions)?;
+    }
+    Ok(())
 }
 
 /// The listening sockets systemd passed (socket activation), one entry per device.
