@@ -34,7 +34,7 @@ pub struct ServeArgs {
     pub size: Option<u64>,
 
     /// Several devices sharing one pool and memory limit, each
-    /// `socket=PATH,size=SIZE[,name=NAME][,readonly][,serial=ID][,backing-file=PATH][,blk-size=512|4096][,num-queues=N]`.
+    /// `socket=PATH,size=SIZE[,name=NAME][,readonly][,serial=ID][,backing-file=PATH][,blk-size=512|4096][,num-queues=N][,socket-group=GROUP]`.
     /// Repeat for every device; options not given take the values of the flags below.
     #[arg(long, value_name = "SPEC", value_parser = parse_device_spec)]
     pub device: Vec<DeviceSpec>,
@@ -97,10 +97,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
 
+    /// Group of the vhost-user sockets (name or id), with --socket-mode 0660 for a QEMU that
+    /// runs in that group (libvirt: kvm or libvirt-qemu). Per device: `socket-group=`.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
     /// Mode of the control socket, octal. Whoever may connect can change the memory limit,
     /// start writeback and read every statistic.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub control_mode: u32,
+
+    /// Group of the control socket (name or id), with --control-mode 0660.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
 
     /// Control socket for `vzram stat` and friends [default: vzram.ctl beside the first
     /// device socket].
@@ -146,6 +155,7 @@ pub struct DeviceSpec {
     pub backing_file: Option<PathBuf>,
     pub blk_size: Option<u32>,
     pub num_queues: Option<u16>,
+    pub socket_group: Option<String>,
 }
 
 impl DeviceSpec {
@@ -160,6 +170,7 @@ impl DeviceSpec {
             backing_file: None,
             blk_size: None,
             num_queues: None,
+            socket_group: None,
         }
     }
 }
@@ -238,6 +249,7 @@ fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
             }
             "serial" => spec.serial = Some(parse_serial(value)?),
             "backing-file" => spec.backing_file = Some(PathBuf::from(need(value)?)),
+            "socket-group" => spec.socket_group = Some(need(value)?),
             "blk-size" => spec.blk_size = Some(parse_blk_size(value)?),
             "num-queues" => {
                 spec.num_queues = Some(
@@ -252,7 +264,7 @@ fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown key {key:?} (known: socket, size, name, readonly, serial, backing-file, blk-size, num-queues)"
+                    "unknown key {key:?} (known: socket, size, name, readonly, serial, backing-file, blk-size, num-queues, socket-group)"
                 ));
             }
         }
@@ -306,6 +318,11 @@ pub enum BuildError {
     State(zram::Error),
     #[error("{}: the control socket cannot also be the socket of device {name}", path.display())]
     ControlIsDeviceSocket { path: PathBuf, name: String },
+    #[error("{what}: {source}")]
+    Group {
+        what: String,
+        source: crate::sockets::SocketError,
+    },
 }
 
 /// Parses the command line of `program`. `--help` and `--version` print and exit 0; an
@@ -339,6 +356,8 @@ pub struct DeviceConfig {
     pub backing_file: Option<PathBuf>,
     pub blk_size: u32,
     pub num_queues: u16,
+    /// The group the socket is given to (`socket-group=` or `--socket-group`), as an id.
+    pub socket_group: Option<u32>,
 }
 
 /// `vzram serve`'s configuration, resolved and checked once from the arguments: every device
@@ -355,6 +374,8 @@ pub struct Config {
     pub socket_mode: u32,
     pub control: PathBuf,
     pub control_mode: u32,
+    /// The group the control socket is given to (`--control-group`), as an id.
+    pub control_group: Option<u32>,
     /// How long a queue worker watches its ring after a batch.
     pub poll: Duration,
     /// Background compaction when this many pages could be freed; `None`: never.
@@ -375,12 +396,15 @@ impl TryFrom<&ServeArgs> for Config {
         if args.backing_file.is_some() && specs.len() > 1 {
             return Err(BuildError::SharedBackingFile);
         }
+        let socket_group = group_id("--socket-group", args.socket_group.as_deref())?;
         let devices: Vec<DeviceConfig> = specs
             .into_iter()
             .enumerate()
             .map(|(i, spec)| {
                 let name = spec.name.unwrap_or_else(|| format!("vz{i}"));
-                DeviceConfig {
+                let what = format!("device {name}: socket-group");
+                Ok(DeviceConfig {
+                    socket_group: group_id(&what, spec.socket_group.as_deref())?.or(socket_group),
                     serial: spec
                         .serial
                         .or_else(|| args.serial.clone())
@@ -393,9 +417,9 @@ impl TryFrom<&ServeArgs> for Config {
                     backing_file: spec.backing_file.or_else(|| args.backing_file.clone()),
                     blk_size: spec.blk_size.unwrap_or(args.blk_size),
                     num_queues: spec.num_queues.unwrap_or(args.num_queues),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_, BuildError>>()?;
         for (i, a) in devices.iter().enumerate() {
             for b in &devices[..i] {
                 if a.socket == b.socket {
@@ -436,6 +460,7 @@ impl TryFrom<&ServeArgs> for Config {
             socket_mode: args.socket_mode,
             control,
             control_mode: args.control_mode,
+            control_group: group_id("--control-group", args.control_group.as_deref())?,
             poll: Duration::from_micros(args.poll_us),
             compact_threshold: match args.compact_threshold {
                 0 => None,
@@ -443,6 +468,16 @@ impl TryFrom<&ServeArgs> for Config {
             },
         })
     }
+}
+
+/// The id of the group `name` given to `what` (a flag or a device's key), if any.
+fn group_id(what: &str, name: Option<&str>) -> Result<Option<u32>, BuildError> {
+    name.map(crate::sockets::group_id)
+        .transpose()
+        .map_err(|source| BuildError::Group {
+            what: what.to_string(),
+            source,
+        })
 }
 
 /// The default control socket: `vzram.ctl` beside the first device socket.
@@ -561,9 +596,10 @@ mod tests {
     #[test]
     fn device_spec_parses_every_key() {
         let d = parse_device_spec(
-            "socket=/tmp/a.sock,size=1G,name=vm1,readonly,serial=abc,backing-file=/tmp/b,blk-size=512,num-queues=4",
+            "socket=/tmp/a.sock,size=1G,name=vm1,readonly,serial=abc,backing-file=/tmp/b,blk-size=512,num-queues=4,socket-group=kvm",
         )
         .unwrap();
+        assert_eq!(d.socket_group.as_deref(), Some("kvm"));
         assert_eq!(d.socket, PathBuf::from("/tmp/a.sock"));
         assert_eq!(d.size, 1 << 30);
         assert_eq!(d.name.as_deref(), Some("vm1"));
@@ -661,6 +697,35 @@ mod tests {
         assert_eq!((a.socket_mode, a.control_mode), (0o666, 0o600));
         let a = serve_args("--socket /tmp/a --size 1G --control-mode 0660");
         assert_eq!((a.socket_mode, a.control_mode), (0o600, 0o660));
+    }
+
+    #[test]
+    fn socket_groups_resolve_once_per_device_and_unknown_ones_are_named() {
+        let c = config(&serve_args(
+            "--device socket=/r/a,size=1G,socket-group=0 --device socket=/r/b,size=1G --socket-group root --control-group 0",
+        ))
+        .unwrap();
+        assert_eq!(c.devices[0].socket_group, Some(0));
+        assert_eq!(c.devices[1].socket_group, Some(0));
+        assert_eq!(c.control_group, Some(0));
+        let c = config(&serve_args("--socket /r/a --size 1G")).unwrap();
+        assert_eq!((c.devices[0].socket_group, c.control_group), (None, None));
+        for (args, want) in [
+            (
+                "--socket /r/a --size 1G --socket-group no-such-group-vzram",
+                "--socket-group: unknown group \"no-such-group-vzram\"",
+            ),
+            (
+                "--device socket=/r/a,size=1G,name=vm1,socket-group=nope-vzram",
+                "device vm1: socket-group: unknown group \"nope-vzram\"",
+            ),
+            (
+                "--socket /r/a --size 1G --control-group nope-vzram",
+                "--control-group: unknown group \"nope-vzram\"",
+            ),
+        ] {
+            assert_eq!(config(&serve_args(args)).unwrap_err().to_string(), want);
+        }
     }
 
     #[test]

@@ -31,5 +31,6 @@ mod ratelimit;
 mod request;
 pub mod served;
 pub mod sockets;
+pub mod systemd;
 mod table;
 mod vring;

@@ -34,6 +34,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `vzram generate-docs DIR`, for building the package (ci/package): kept out of the clap
+    // definitions so that neither `--help`, the man pages nor the completions offer it.
+    let argv: Vec<_> = std::env::args_os().skip(1).collect();
+    if let [cmd, dir] = &argv[..]
+        && cmd == "generate-docs"
+    {
+        let dir = std::path::Path::new(dir);
+        return match generate_docs(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vzram: generate-docs {}: {e}", dir.display());
+                ExitCode::from(2)
+            }
+        };
+    }
     let cli: Cli = vzram::cli::parse_or_exit("vzram");
     match cli.command {
         Command::Serve(args) => serve(&args),
@@ -64,13 +79,28 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => fail(&e, Vec::new(), None),
     };
+    // systemd socket activation: the device sockets systemd already listens on.
+    let mut inherited = match inherited_sockets(&config) {
+        Ok(i) => i,
+        Err(e) => fail(&e, Vec::new(), None),
+    };
     let built = match config.build() {
         Ok(b) => b,
         Err(e) => fail(&e, Vec::new(), None),
     };
     let mut claimed = Vec::new();
-    for d in &config.devices {
-        match sockets::claim(&d.socket, config.socket_mode) {
+    for (d, inherited) in config.devices.iter().zip(&mut inherited) {
+        if let Some(l) = inherited.take() {
+            // Its mode and group are the socket unit's (SocketMode=, SocketGroup=).
+            log::info!(
+                "{}: socket {} inherited from systemd",
+                d.name,
+                d.socket.display()
+            );
+            claimed.push(ClaimedSocket::inherited(l.listener, d.socket.clone()));
+            continue;
+        }
+        match sockets::claim_owned(&d.socket, config.socket_mode, d.socket_group) {
             Ok(c) => claimed.push(c),
             Err(e) => fail(&e, claimed, None),
         }
@@ -92,6 +122,18 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => fail(&e, claimed, Some(control_lock)),
     };
+    // --control-group: the control thread bound its socket 0600-or-given mode and root's
+    // group; hand it to the group before anything announces that vzram is up.
+    if let Some(gid) = config.control_group
+        && let Err(e) = std::os::unix::fs::lchown(&config.control, None, Some(gid))
+    {
+        drop(control);
+        fail(
+            &format!("control socket {}: {e}", config.control.display()),
+            claimed,
+            Some(control_lock),
+        );
+    }
     let mut servers = Vec::new();
     for ((served, blk), socket) in built.devices.iter().zip(&claimed) {
         let started = socket
@@ -123,10 +165,12 @@ fn serve(args: &ServeArgs) -> ExitCode {
             }
         }
     }
+    notify("READY=1");
     let _ = rx.recv();
     log::info!("shutting down");
+    notify("STOPPING=1");
     // Remove the sockets so that nobody connects to a daemon that is gone, then their lock
-    // files.
+    // files. Inherited sockets stay: systemd keeps them listening for the next start.
     for socket in claimed {
         socket.release();
     }
@@ -151,6 +195,40 @@ fn serve(args: &ServeArgs) -> ExitCode {
     // Guest data lives only in this process; there is nothing to flush. Exit without waiting
     // for connected frontends to hang up (dropping the servers would).
     std::process::exit(0)
+}
+
+/// `vzram generate-docs DIR`: the man pages (DIR/man/*.1) and shell completions
+/// (DIR/completions: bash, zsh, fish), made from the clap definitions.
+fn generate_docs(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let (man, completions) = (dir.join("man"), dir.join("completions"));
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "vzram", &completions)?;
+    }
+    Ok(())
+}
+
+/// The listening sockets systemd passed (socket activation), one entry per device.
+fn inherited_sockets(
+    config: &Config,
+) -> Result<Vec<Option<vzram::systemd::ListenFd>>, vzram::systemd::SystemdError> {
+    let devices: Vec<_> = config
+        .devices
+        .iter()
+        .map(|d| (d.name.as_str(), d.socket.as_path()))
+        .collect();
+    vzram::systemd::assign(&devices, vzram::systemd::listen_fds()?)
+}
+
+/// Tells systemd (`Type=notify`) about a change of state; a failure is only logged.
+fn notify(state: &str) {
+    if let Err(e) = vzram::systemd::notify(state) {
+        log::warn!("NOTIFY_SOCKET: sending {state}: {e}");
+    }
 }
 
 /// Start-up failed: one line, release what this process claimed, exit with status 2.

@@ -10,6 +10,15 @@
 //! deletes anything. Dropping it closes the listener and the lock file, which leaves a stale
 //! socket file and an unlocked lock file behind; the next [`claim`] replaces the first and
 //! reuses the second. To remove both, call [`ClaimedSocket::release`].
+//!
+//! A socket may also be given to a group ([`claim_owned`], `--socket-group`): it appears at
+//! its path already owned by that group, with its mode, so that a 0660 socket is usable by
+//! the group (libvirt's QEMU runs as `libvirt-qemu`, group `kvm`) and nobody else. The lock
+//! file stays 0600 and the daemon's own: only vzram takes it.
+//!
+//! A socket inherited from systemd (socket activation, `crate::systemd`) is wrapped with
+//! [`ClaimedSocket::inherited`]: no lock, and releasing it removes nothing (systemd owns the
+//! file and keeps listening on it across the daemon's restarts).
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -29,6 +38,8 @@ pub enum SocketError {
     NotASocket(PathBuf),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
+    #[error("unknown group {0:?}")]
+    UnknownGroup(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SocketError + '_ {
@@ -140,15 +151,50 @@ pub fn remove_stale(path: &Path) -> Result<(), SocketError> {
     }
 }
 
-/// A socket path this process owns: the listening socket bound to it and the lock on it.
+/// The id of a group given by name (or as a number), for `--socket-group` and friends.
+pub fn group_id(name: &str) -> Result<u32, SocketError> {
+    let unknown = || SocketError::UnknownGroup(name.to_string());
+    let cname = std::ffi::CString::new(name).map_err(|_| unknown())?;
+    let mut buf = vec![0 as libc::c_char; 1024];
+    loop {
+        // SAFETY: an all-zero `group` is a valid value of this plain C struct; getgrnam_r
+        // fills it.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: a NUL-terminated name, a struct and a
+        // buffer of `buf.len()` bytes we own, and the out pointer; the strings it points into
+        // live in `buf`, which we do not read.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc == 0 && !found.is_null() {
+            return Ok(grp.gr_gid);
+        }
+        // Not a group name: a numeric id is taken as it is (as chgrp does).
+        return name.parse::<u32>().map_err(|_| unknown());
+    }
+}
+
+/// A socket path this process owns: the listening socket bound to it and the lock on it; or
+/// a socket inherited from systemd, which this process only listens on.
 #[derive(Debug)]
 pub struct ClaimedSocket {
     listener: UnixListener,
     path: PathBuf,
-    /// The socket file we bound, to remove only that one.
-    dev: u64,
-    ino: u64,
-    lock: PathLock,
+    /// The socket file we bound (device and inode), to remove only that one; `None` for an
+    /// inherited socket, which is never removed.
+    bound: Option<(u64, u64)>,
+    lock: Option<PathLock>,
 }
 
 impl ClaimedSocket {
@@ -160,18 +206,38 @@ impl ClaimedSocket {
         &self.path
     }
 
+    /// A listening socket inherited from systemd for `path`: served like a claimed one,
+    /// but without a lock, and [`release`](Self::release) leaves its file alone.
+    pub fn inherited(listener: UnixListener, path: PathBuf) -> ClaimedSocket {
+        ClaimedSocket {
+            listener,
+            path,
+            bound: None,
+            lock: None,
+        }
+    }
+
+    /// Whether the socket was inherited (see [`inherited`](Self::inherited)).
+    pub fn is_inherited(&self) -> bool {
+        self.bound.is_none()
+    }
+
     /// Removes the socket file (if it is still the one we bound), then the lock file, and
-    /// closes both. The only way this module removes anything.
+    /// closes both. The only way this module removes anything. An inherited socket is only
+    /// closed.
     pub fn release(self) {
-        if let Ok(m) = std::fs::symlink_metadata(&self.path)
-            && m.dev() == self.dev
-            && m.ino() == self.ino
+        if let Some((dev, ino)) = self.bound
+            && let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && m.dev() == dev
+            && m.ino() == ino
             && let Err(e) = std::fs::remove_file(&self.path)
         {
             log::warn!("removing {}: {e}", self.path.display());
         }
         drop(self.listener);
-        self.lock.release();
+        if let Some(lock) = self.lock {
+            lock.release();
+        }
     }
 }
 
@@ -183,14 +249,19 @@ impl ClaimedSocket {
 /// the same directory, chmod-ed, then hard-linked to `path` (which fails rather than replace
 /// anything that appeared meanwhile).
 pub fn claim(path: &Path, mode: u32) -> Result<ClaimedSocket, SocketError> {
+    claim_owned(path, mode, None)
+}
+
+/// [`claim`], with the socket given to the group `gid` (when `Some`) before it appears at
+/// `path`.
+pub fn claim_owned(path: &Path, mode: u32, gid: Option<u32>) -> Result<ClaimedSocket, SocketError> {
     let lock = lock(path)?;
-    match bind(path, mode) {
+    match bind(path, mode, gid) {
         Ok((listener, dev, ino)) => Ok(ClaimedSocket {
             listener,
             path: path.to_path_buf(),
-            dev,
-            ino,
-            lock,
+            bound: Some((dev, ino)),
+            lock: Some(lock),
         }),
         Err(e) => {
             // Nothing was bound at `path`: the lock file is ours to remove.
@@ -200,7 +271,7 @@ pub fn claim(path: &Path, mode: u32) -> Result<ClaimedSocket, SocketError> {
     }
 }
 
-fn bind(path: &Path, mode: u32) -> Result<(UnixListener, u64, u64), SocketError> {
+fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<(UnixListener, u64, u64), SocketError> {
     remove_stale(path)?;
     let name = path.file_name().ok_or_else(|| {
         io_err(path)(io::Error::new(
@@ -215,7 +286,9 @@ fn bind(path: &Path, mode: u32) -> Result<(UnixListener, u64, u64), SocketError>
     // A leftover of an earlier process with our pid; under our lock nobody else uses it.
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(io_err(path))?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+    // The group first, then the mode: chown may clear set-id bits, and the mode is final.
+    let placed = std::os::unix::fs::lchown(&tmp, None, gid)
+        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
         .and_then(|()| std::fs::hard_link(&tmp, path))
         .and_then(|()| std::fs::symlink_metadata(path));
     let _ = std::fs::remove_file(&tmp);
@@ -255,6 +328,32 @@ mod tests {
         let c = claim(&path, 0o600).unwrap();
         assert_eq!(mode(&path), 0o600);
         c.release();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_socket_given_to_a_group_has_it_before_it_appears() {
+        let d = dir("group");
+        let path = d.join("a.sock");
+        // A group this process may give files to: any as root, else its own.
+        // SAFETY: getegid has no preconditions.
+        let own = unsafe { libc::getegid() };
+        let gid = if own == 0 {
+            group_id("nogroup").or_else(|_| group_id("daemon")).unwrap()
+        } else {
+            own
+        };
+        let c = claim_owned(&path, 0o660, Some(gid)).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!((m.gid(), mode(&path)), (gid, 0o660));
+        // The lock file stays the daemon's.
+        assert_eq!(mode(&lock_path(&path)), 0o600);
+        c.release();
+        assert_eq!(group_id("0").unwrap(), 0);
+        assert_eq!(group_id("root").unwrap(), 0);
+        let e = group_id("no-such-group-vzram").unwrap_err();
+        assert_eq!(e.to_string(), "unknown group \"no-such-group-vzram\"");
+        assert!(group_id("a\0b").is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -38,6 +38,18 @@ fn bad_arguments_are_one_line_and_status_2() {
             "serve --socket /tmp/x.sock --size 1G --queue-size 100",
             "power of two",
         ),
+        (
+            "serve --socket /tmp/x.sock --size 1G --socket-group no-such-group-vzram",
+            "--socket-group: unknown group \"no-such-group-vzram\"",
+        ),
+        (
+            "serve --device socket=/tmp/x.sock,size=1G,socket-group=no-such-group-vzram",
+            "device vz0: socket-group: unknown group",
+        ),
+        (
+            "serve --socket /tmp/x.sock --size 1G --control-group no-such-group-vzram",
+            "--control-group: unknown group",
+        ),
         ("mem-limit lots", "lots"),
         ("frobnicate", "frobnicate"),
         // The load generator is a program of its own (vzram-bench).
@@ -337,6 +349,60 @@ fn the_control_socket_has_its_own_mode_and_takes_the_largest_size() {
         &[&control],
     );
     assert_eq!((mode(&a), mode(&control)), (0o600, 0o660));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn gid(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).unwrap().gid()
+}
+
+/// A group other than ours that this process may give files to (as root, any; else none).
+fn other_group() -> Option<(String, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let groups = std::fs::read_to_string("/etc/group").unwrap();
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let (name, id) = (f.next()?, f.nth(1)?.parse::<u32>().ok()?);
+        (id != 0).then(|| (name.to_string(), id))
+    })
+}
+
+#[test]
+fn sockets_given_to_a_group_have_its_gid_and_their_mode() {
+    let dir = tempdir("group");
+    // SAFETY: getegid has no preconditions.
+    let own = unsafe { libc::getegid() };
+    let (name, id) = other_group().unwrap_or_else(|| (own.to_string(), own));
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let control = dir.join("vzram.ctl");
+    let _daemon = Daemon::start(
+        &[
+            "--device",
+            &format!("socket={},size=16M", a.display()),
+            "--device",
+            &format!("socket={},size=16M,socket-group={own}", b.display()),
+            "--socket-group",
+            &name,
+            "--socket-mode",
+            "0660",
+            "--control-group",
+            &name,
+            "--control-mode",
+            "0660",
+        ],
+        &[&a, &b, &control],
+    );
+    assert_eq!((gid(&a), mode(&a)), (id, 0o660));
+    // The device's own socket-group= wins over --socket-group.
+    assert_eq!((gid(&b), mode(&b)), (own, 0o660));
+    assert_eq!((gid(&control), mode(&control)), (id, 0o660));
+    // The lock files stay the daemon's alone.
+    assert_eq!(mode(&dir.join("a.sock.lock")), 0o600);
+    write_page(&a, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
