@@ -6,10 +6,11 @@ mod proc;
 
 use proc::{Daemon, KillOnDrop, TempDir};
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vufront::{Device, Options, Request};
+use vufront::{Device, Options, Request, Segment};
 
 const PAGES: u64 = 1024;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -200,4 +201,64 @@ fn a_clean_stop_and_start_serves_the_same_disk() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("in use by another vzram"), "{err}");
+}
+
+/// Memory goes back with a state directory too: freed pool pages are punched out of the pool's
+/// file (MADV_DONTNEED would not free shared file pages), so the file's blocks and the daemon's
+/// resident memory follow what is stored.
+#[test]
+fn discarded_pages_leave_the_state_files_and_the_daemon() {
+    let dir = TempDir::new("restart-punch");
+    let sock = dir.0.join("sock");
+    let daemon = KillOnDrop(Daemon::start(
+        &args(&dir.0),
+        &dir.0.join("log"),
+        std::slice::from_ref(&sock),
+    ));
+    let pool = dir.0.join("state/pool.pages");
+    let blocks = || std::fs::metadata(&pool).unwrap().blocks() * 512;
+    let (rss0, file0) = (daemon.0.rss_kib(), blocks());
+    let mut dev = connect(&sock);
+    let mut q = dev.take_queue(0).unwrap();
+    // Pages that do not compress: the pool holds about as much as was written (4 MiB).
+    for p in 0..PAGES {
+        let noise: Vec<u8> = (0..4096u64)
+            .map(|i| {
+                (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ p.wrapping_mul(0xBF58_476D))
+                    .wrapping_mul(0x94D0_49BB_1331_11EB)
+                    >> 56
+            })
+            .map(|b| b as u8)
+            .collect();
+        q.execute(&Request::write(p * 8, &noise), TIMEOUT)
+            .and_then(|c| c.check())
+            .unwrap();
+    }
+    let (rss1, file1) = (daemon.0.rss_kib(), blocks());
+    assert!(
+        file1 - file0 >= 4 << 20,
+        "pool file grew by {} bytes",
+        file1 - file0
+    );
+    assert!(rss1 - rss0 >= 4 << 10, "RSS grew by {} KiB", rss1 - rss0);
+    q.execute(
+        &Request::discard(&[Segment {
+            sector: 0,
+            num_sectors: (PAGES * 8) as u32,
+            flags: 0,
+        }]),
+        TIMEOUT,
+    )
+    .and_then(|c| c.check())
+    .unwrap();
+    // A small cache of freed pages (256, 1 MiB) may stay.
+    let (rss2, file2) = (daemon.0.rss_kib(), blocks());
+    assert!(
+        file2 <= file0 + (3 << 20) / 2,
+        "pool file: {file0} -> {file1} -> {file2} bytes"
+    );
+    assert!(
+        rss2 + 2 * 1024 < rss1,
+        "RSS: {rss0} -> {rss1} -> {rss2} KiB"
+    );
 }
