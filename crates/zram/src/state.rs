@@ -35,9 +35,12 @@
 //! what is stored are recounted. `clean` only says which of the two it was.
 //!
 //! Files in tmpfs survive any death of the process (SIGKILL, abort, the OOM killer) but not a
-//! reboot or power loss: that is out of scope, as is any file system that does not keep a
-//! killed process's stores (they all do; on a disk file system the state works, more slowly,
-//! and [`Opened::warnings`] says so).
+//! reboot or power loss: that is out of scope. On a disk file system the state works, through
+//! the page cache, and [`Opened::warnings`] says so; hugetlbfs is refused (its files map only
+//! at huge-page offsets).
+//!
+//! One directory holds the whole pool: the devices of a daemon share one allocator, so their
+//! slot tables and its files belong together.
 
 use crate::backing::Backing;
 use crate::device::Device;
@@ -266,8 +269,18 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// File systems whose pages live in memory, where the state costs what the heap would.
-fn in_memory(dir: &Path) -> Result<bool, Error> {
+/// Where a state directory is.
+#[derive(Debug, PartialEq, Eq)]
+enum Fs {
+    /// tmpfs or ramfs: pages live in memory, the state costs what the heap would.
+    Memory,
+    /// hugetlbfs: its files map only at huge-page offsets, and the state's are 4 KiB aligned.
+    Hugetlb,
+    /// A disk file system: works, through the page cache.
+    Disk,
+}
+
+fn file_system(dir: &Path) -> Result<Fs, Error> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| err(dir, "path contains a NUL byte"))?;
     let mut st: libc::statfs = unsafe_zeroed_statfs();
@@ -281,7 +294,11 @@ fn in_memory(dir: &Path) -> Result<bool, Error> {
     const HUGETLBFS: i64 = 0x9584_58f6;
     #[allow(clippy::unnecessary_cast, reason = "f_type is not i64 on every target")]
     let fs = st.f_type as i64;
-    Ok(matches!(fs, TMPFS | RAMFS | HUGETLBFS))
+    Ok(match fs {
+        TMPFS | RAMFS => Fs::Memory,
+        HUGETLBFS => Fs::Hugetlb,
+        _ => Fs::Disk,
+    })
 }
 
 fn unsafe_zeroed_statfs() -> libc::statfs {
@@ -319,7 +336,15 @@ pub fn open(dir: &Path, cfg: &StoreConfig, devices: &[DeviceSpec]) -> Result<Ope
             .map_err(io_err(dir))?,
         Err(e) => return Err(err(dir, e)),
     }
-    if !in_memory(dir)? {
+    let fs = file_system(dir)?;
+    if fs == Fs::Hugetlb {
+        return Err(err(
+            dir,
+            "hugetlbfs cannot hold a state (its files map only at huge-page offsets); use \
+             tmpfs (/dev/shm, /run)",
+        ));
+    }
+    if fs == Fs::Disk {
         warnings.push(format!(
             "state directory {} is not on tmpfs: pages go through the disk's page cache",
             dir.display()
