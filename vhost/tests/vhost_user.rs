@@ -7,10 +7,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use vufront::{
-    BLK_S_IOERR, BLK_S_OK, BLK_S_UNSUPP, BLK_T_IN, BLK_T_OUT, Desc, Device, GuestMem, Options,
-    Queue, RegionSpec, Request, Segment,
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT,
+};
+use vufront::{Desc, Device, GuestMem, Options, Queue, RegionSpec, Request, Segment};
 use vzram::blk::BlkGeometry;
 use vzram::daemon::DeviceServer;
 use vzram::served::Served;
@@ -97,22 +105,25 @@ fn features_protocol_and_config() {
     let dev = Device::connect(&d.socket, &opts(1)).unwrap();
     let offered = dev.offered_features();
     for (bit, name) in [
-        (vufront::F_VERSION_1, "VERSION_1"),
-        (vufront::F_EVENT_IDX, "EVENT_IDX"),
-        (vufront::F_INDIRECT_DESC, "INDIRECT_DESC"),
-        (vufront::BLK_F_SEG_MAX, "SEG_MAX"),
-        (vufront::BLK_F_SIZE_MAX, "SIZE_MAX"),
-        (vufront::BLK_F_BLK_SIZE, "BLK_SIZE"),
-        (vufront::BLK_F_TOPOLOGY, "TOPOLOGY"),
-        (vufront::BLK_F_FLUSH, "FLUSH"),
-        (vufront::BLK_F_MQ, "MQ"),
-        (vufront::BLK_F_DISCARD, "DISCARD"),
-        (vufront::BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
-        (vufront::F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
+        ((1 << VIRTIO_F_VERSION_1), "VERSION_1"),
+        ((1 << VIRTIO_RING_F_EVENT_IDX), "EVENT_IDX"),
+        ((1 << VIRTIO_RING_F_INDIRECT_DESC), "INDIRECT_DESC"),
+        ((1 << VIRTIO_BLK_F_SEG_MAX), "SEG_MAX"),
+        ((1 << VIRTIO_BLK_F_SIZE_MAX), "SIZE_MAX"),
+        ((1 << VIRTIO_BLK_F_BLK_SIZE), "BLK_SIZE"),
+        ((1 << VIRTIO_BLK_F_TOPOLOGY), "TOPOLOGY"),
+        ((1 << VIRTIO_BLK_F_FLUSH), "FLUSH"),
+        ((1 << VIRTIO_BLK_F_MQ), "MQ"),
+        ((1 << VIRTIO_BLK_F_DISCARD), "DISCARD"),
+        ((1 << VIRTIO_BLK_F_WRITE_ZEROES), "WRITE_ZEROES"),
+        (
+            VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            "PROTOCOL_FEATURES",
+        ),
     ] {
         assert!(offered & bit != 0, "{name} not offered");
     }
-    assert_eq!(offered & vufront::BLK_F_RO, 0);
+    assert_eq!(offered & (1 << VIRTIO_BLK_F_RO), 0);
     // MQ, REPLY_ACK, CONFIG, RESET_DEVICE, CONFIGURE_MEM_SLOTS; never INFLIGHT_SHMFD or STATUS.
     assert_eq!(
         dev.offered_protocol_features(),
@@ -134,7 +145,7 @@ fn features_protocol_and_config() {
     // A read-only device says so.
     let ro = daemon_with(1, true, 0);
     let dev = Device::connect(&ro.socket, &opts(1)).unwrap();
-    assert!(dev.offered_features() & vufront::BLK_F_RO != 0);
+    assert!(dev.offered_features() & (1 << VIRTIO_BLK_F_RO) != 0);
 }
 
 #[test]
@@ -264,7 +275,7 @@ fn discard_gives_memory_back() {
             flags: 4,
         }])
         .unwrap();
-    assert_eq!(c.status, BLK_S_UNSUPP);
+    assert_eq!(c.status, VIRTIO_BLK_S_UNSUPP as u8);
 }
 
 #[test]
@@ -285,10 +296,10 @@ fn memory_limit_fails_writes_not_the_daemon() {
             })
             .collect();
         let c = q.write(i * 8, &data).unwrap();
-        if c.status == BLK_S_IOERR {
+        if c.status == VIRTIO_BLK_S_IOERR as u8 {
             failed += 1;
         } else {
-            assert_eq!(c.status, BLK_S_OK);
+            assert_eq!(c.status, VIRTIO_BLK_S_OK as u8);
         }
     }
     assert!(failed > 500, "only {failed} writes failed");
@@ -338,10 +349,10 @@ fn malformed_chains_over_the_socket() {
     let status = mem.alloc(1, 1).unwrap();
     let data = mem.alloc(4096, 4096).unwrap();
     let hole = 0x2000_0000u64;
-    let read_hdr = hdr(BLK_T_IN, 0);
+    let read_hdr = hdr(VIRTIO_BLK_T_IN, 0);
     let short_hdr = mem.alloc(8, 8).unwrap();
-    let overflow_hdr = hdr(BLK_T_IN, u64::MAX - 3);
-    let past_end_hdr = hdr(BLK_T_OUT, DISK / 512);
+    let overflow_hdr = hdr(VIRTIO_BLK_T_IN, u64::MAX - 3);
+    let past_end_hdr = hdr(VIRTIO_BLK_T_OUT, DISK / 512);
     type Case = (&'static str, Vec<Desc>, Option<u8>);
     let cases: Vec<Case> = vec![
         (
@@ -350,7 +361,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::readable(short_hdr.gpa(), 8).then(1),
                 Desc::writable(status.gpa(), 1),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
         (
             "status not writable",
@@ -367,7 +378,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::writable(hole, 4096).then(2),
                 Desc::writable(status.gpa(), 1),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
         (
             "sector overflow",
@@ -376,7 +387,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::writable(data.gpa(), 4096).then(2),
                 Desc::writable(status.gpa(), 1),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
         (
             "write past the end",
@@ -385,7 +396,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::readable(data.gpa(), 4096).then(2),
                 Desc::writable(status.gpa(), 1),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
         (
             "descriptor loop",
@@ -394,7 +405,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::writable(data.gpa(), 512).then(2),
                 Desc::writable(status.gpa(), 1).then(0),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
     ];
     for (name, descs, want) in cases {
@@ -402,7 +413,7 @@ fn malformed_chains_over_the_socket() {
         let ids = q.alloc_descs(descs.len()).unwrap();
         for (i, desc) in descs.iter().enumerate() {
             let mut desc = *desc;
-            if desc.flags & vufront::VIRTQ_DESC_F_NEXT != 0 {
+            if desc.flags & VRING_DESC_F_NEXT as u16 != 0 {
                 desc.next = ids[usize::from(desc.next)];
             }
             q.write_desc(ids[i], desc).unwrap();
@@ -515,7 +526,10 @@ fn readonly_device_refuses_writes() {
     let d = daemon_with(1, true, 0);
     let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
-    assert_eq!(q.write(0, &page(1)).unwrap().status, BLK_S_IOERR);
+    assert_eq!(
+        q.write(0, &page(1)).unwrap().status,
+        VIRTIO_BLK_S_IOERR as u8
+    );
     assert!(q.read(0, 4096).unwrap().check().unwrap().data == vec![0; 4096]);
     let id = q.get_id().unwrap().check().unwrap();
     assert_eq!(&id.data[..10], b"vzram-test");

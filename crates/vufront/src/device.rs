@@ -10,11 +10,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use vhost::vhost_user::VhostUserVirtioFeatures;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 /// How to connect and what to negotiate.
 #[derive(Clone, Debug)]
@@ -159,12 +162,12 @@ impl Device {
 
         fe.call("SET_OWNER", |f| f.set_owner())?;
         let offered = fe.call("GET_FEATURES", |f| f.get_features())?;
-        if offered & F_VERSION_1 == 0 {
+        if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(Error::MissingFeature("VIRTIO_F_VERSION_1"));
         }
 
         let (mut protocol_offered, mut protocol_acked) = (0, 0);
-        if offered & F_PROTOCOL_FEATURES != 0 {
+        if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let p = fe.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
             let mut want = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
@@ -204,10 +207,10 @@ impl Device {
 
         let mut mask = opts.feature_mask;
         if !opts.event_idx {
-            mask &= !F_EVENT_IDX;
+            mask &= !(1 << VIRTIO_RING_F_EVENT_IDX);
         }
         if !opts.indirect {
-            mask &= !F_INDIRECT_DESC;
+            mask &= !(1 << VIRTIO_RING_F_INDIRECT_DESC);
         }
         let acked = opts.features_override.unwrap_or(offered & mask);
         fe.call("SET_FEATURES", |f| f.set_features(acked))?;
@@ -263,9 +266,9 @@ impl Device {
                 "the queue lives in another guest memory than the device's".into(),
             ));
         }
-        q.set_event_idx(self.acked & F_EVENT_IDX != 0);
+        q.set_event_idx(self.acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         q.set_peer(Arc::downgrade(&self.peer));
-        q.set_indirect(self.acked & F_INDIRECT_DESC != 0);
+        q.set_indirect(self.acked & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0);
         let i = q.index() as usize;
         let fe = &mut self.session;
         fe.call("SET_VRING_NUM", |f| f.set_vring_num(i, q.size()))?;
@@ -282,7 +285,7 @@ impl Device {
         fe.call("SET_VRING_BASE", |f| f.set_vring_base(i, base))?;
         fe.call("SET_VRING_CALL", |f| f.set_vring_call(i, q.call_fd()))?;
         fe.call("SET_VRING_KICK", |f| f.set_vring_kick(i, q.kick_fd()))?;
-        if self.acked & F_PROTOCOL_FEATURES != 0 {
+        if self.acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             fe.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
         }
         Ok(())

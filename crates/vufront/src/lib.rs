@@ -45,7 +45,7 @@
 //! // Raw: a header whose chain loops back on itself, published by hand.
 //! let mem = q.mem().clone();
 //! let hdr = mem.alloc(16, 16)?;
-//! hdr.write_at(0, &BLK_T_IN.to_le_bytes())?;
+//! hdr.write_at(0, &virtio_blk::VIRTIO_BLK_T_IN.to_le_bytes())?;
 //! let data = mem.alloc(512, 16)?;
 //! let ids = q.alloc_descs(2)?; // keep the high-level API off these indices
 //! q.write_desc(ids[0], Desc::readable(hdr.gpa(), 16).then(ids[1]))?;
@@ -73,6 +73,8 @@ pub use device::{Device, Options};
 pub use mem::{DEFAULT_GUEST_BASE, GuestBuf, GuestMem, RegionSpec};
 pub use queue::{ChainSeg, Queue, QueueCounters};
 pub use virtio::*;
+/// virtio_bindings' names of request types, statuses, feature and descriptor flags.
+pub use virtio_bindings::{virtio_blk, virtio_config, virtio_ring};
 
 use std::time::Duration;
 

@@ -3,15 +3,14 @@
 
 use crate::blk::Inflight;
 use crate::mem::{GuestBuf, GuestMem};
-use crate::virtio::{
-    Desc, UsedElem, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
-};
+use crate::virtio::{Desc, UsedElem};
 use crate::{Completion, Error, Result};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 /// One buffer of a chain: guest address, length, and direction.
@@ -21,7 +20,7 @@ pub struct ChainSeg {
     pub addr: u64,
     /// Length in bytes.
     pub len: u32,
-    /// Device-writable (`VIRTQ_DESC_F_WRITE`).
+    /// Device-writable (`VRING_DESC_F_WRITE`).
     pub write: bool,
 }
 
@@ -349,7 +348,7 @@ impl Queue {
             let event = self.avail_event()?;
             need_event(event, new, old)
         } else {
-            self.used_flags()? & VRING_USED_F_NO_NOTIFY == 0
+            self.used_flags()? & VRING_USED_F_NO_NOTIFY as u16 == 0
         };
         if need {
             self.kick()?;
@@ -514,9 +513,13 @@ impl Queue {
 }
 
 pub(crate) fn chain_desc(seg: &ChainSeg, next: Option<u16>) -> Desc {
-    let mut flags = if seg.write { VIRTQ_DESC_F_WRITE } else { 0 };
+    let mut flags = if seg.write {
+        VRING_DESC_F_WRITE as u16
+    } else {
+        0
+    };
     if next.is_some() {
-        flags |= VIRTQ_DESC_F_NEXT;
+        flags |= VRING_DESC_F_NEXT as u16;
     }
     Desc {
         addr: seg.addr,

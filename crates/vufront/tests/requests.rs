@@ -5,6 +5,13 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vufront::ramdisk::RamdiskConfig;
 use vufront::*;
 
@@ -27,12 +34,12 @@ fn config_and_features_are_negotiated() {
     assert_eq!(dev.max_queues(), 2);
     let f = dev.features();
     for bit in [
-        F_VERSION_1,
-        F_EVENT_IDX,
-        F_INDIRECT_DESC,
-        F_PROTOCOL_FEATURES,
-        BLK_F_FLUSH,
-        BLK_F_MQ,
+        (1 << VIRTIO_F_VERSION_1),
+        (1 << VIRTIO_RING_F_EVENT_IDX),
+        (1 << VIRTIO_RING_F_INDIRECT_DESC),
+        VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        (1 << VIRTIO_BLK_F_FLUSH),
+        (1 << VIRTIO_BLK_F_MQ),
     ] {
         assert_ne!(
             f & bit,
@@ -42,7 +49,7 @@ fn config_and_features_are_negotiated() {
             feature_names(bit)
         );
     }
-    assert_eq!(f & BLK_F_RO, 0);
+    assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(
         f & !dev.offered_features(),
         0,
@@ -58,7 +65,10 @@ fn refused_and_unoffered_features() {
         ..RamdiskConfig::default()
     });
     let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
-    assert_eq!(dev.features() & (F_EVENT_IDX | F_INDIRECT_DESC), 0);
+    assert_eq!(
+        dev.features() & ((1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+        0
+    );
     let mut q = dev.take_queue(0).unwrap();
     assert!(!q.event_idx());
     let err = q
@@ -73,7 +83,11 @@ fn refused_and_unoffered_features() {
     let err = Device::connect(
         &s.socket,
         &Options {
-            features_override: Some(F_VERSION_1 | F_PROTOCOL_FEATURES | (1 << 50)),
+            features_override: Some(
+                (1 << VIRTIO_F_VERSION_1)
+                    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                    | (1 << 50),
+            ),
             ..opts(1)
         },
     )
@@ -184,7 +198,7 @@ fn data_survives_every_layout() {
             .unwrap();
         assert_eq!(
             (w.status, w.used_len),
-            (BLK_S_OK, 1),
+            (VIRTIO_BLK_S_OK as u8, 1),
             "write with {layout:?}"
         );
         let mut stored = vec![0u8; 8192];
@@ -201,7 +215,7 @@ fn data_survives_every_layout() {
             .unwrap();
         assert_eq!(
             (r.status, r.used_len),
-            (BLK_S_OK, 8193),
+            (VIRTIO_BLK_S_OK as u8, 8193),
             "read with {layout:?}"
         );
         assert!(r.data == data, "read-back differs with {layout:?}");
@@ -234,7 +248,7 @@ fn flush_get_id_discard_write_zeroes() {
         .unwrap()
         .check()
         .unwrap();
-    q.write_zeroes(&[seg(8, 1, BLK_WRITE_ZEROES_FLAG_UNMAP)])
+    q.write_zeroes(&[seg(8, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)])
         .unwrap()
         .check()
         .unwrap();
@@ -248,19 +262,22 @@ fn flush_get_id_discard_write_zeroes() {
     assert!(data == expect, "discarded / zeroed sectors");
 
     // Discard takes no flags; unknown write-zeroes flags are unsupported.
-    assert_eq!(q.discard(&[seg(0, 8, 1)]).unwrap().status, BLK_S_UNSUPP);
+    assert_eq!(
+        q.discard(&[seg(0, 8, 1)]).unwrap().status,
+        VIRTIO_BLK_S_UNSUPP as u8
+    );
     assert_eq!(
         q.write_zeroes(&[seg(0, 8, 2)]).unwrap().status,
-        BLK_S_UNSUPP
+        VIRTIO_BLK_S_UNSUPP as u8
     );
     // Past the end, and too many segments.
     let end = dev.capacity() / 512;
     assert_eq!(
         q.discard(&[seg(end - 1, 2, 0)]).unwrap().status,
-        BLK_S_IOERR
+        VIRTIO_BLK_S_IOERR as u8
     );
     let many: Vec<Segment> = (0..33).map(|i| seg(i * 8, 8, 0)).collect();
-    assert_eq!(q.discard(&many).unwrap().status, BLK_S_IOERR);
+    assert_eq!(q.discard(&many).unwrap().status, VIRTIO_BLK_S_IOERR as u8);
 }
 
 #[test]
@@ -272,29 +289,32 @@ fn bad_requests_get_error_statuses() {
     let before = s.disk.stats();
     assert_eq!(
         q.read(cap, 512).unwrap().status,
-        BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR as u8,
         "past the end"
     );
     assert_eq!(
         q.read(cap - 1, 1024).unwrap().status,
-        BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR as u8,
         "crosses the end"
     );
     assert_eq!(
         q.read(u64::MAX / 256, 512).unwrap().status,
-        BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR as u8,
         "overflow"
     );
     assert_eq!(
         q.read(0, 100).unwrap().status,
-        BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR as u8,
         "not whole sectors"
     );
-    assert_eq!(q.write(0, &[1; 100]).unwrap().status, BLK_S_IOERR);
+    assert_eq!(
+        q.write(0, &[1; 100]).unwrap().status,
+        VIRTIO_BLK_S_IOERR as u8
+    );
     let r = q
         .execute(&Request::new(77, 0), Duration::from_secs(5))
         .unwrap();
-    assert_eq!((r.status, r.used_len), (BLK_S_UNSUPP, 1));
+    assert_eq!((r.status, r.used_len), (VIRTIO_BLK_S_UNSUPP as u8, 1));
     let after = s.disk.stats();
     assert_eq!(after.ioerr - before.ioerr, 5);
     assert_eq!(after.unsupp - before.unsupp, 1);
@@ -308,10 +328,13 @@ fn bad_requests_get_error_statuses() {
         ..RamdiskConfig::default()
     });
     let mut dev = Device::connect(&ro.socket, &opts(1)).unwrap();
-    assert_ne!(dev.features() & BLK_F_RO, 0);
+    assert_ne!(dev.features() & (1 << VIRTIO_BLK_F_RO), 0);
     let q = dev.queue_mut(0).unwrap();
-    assert_eq!(q.write(0, &[1; 512]).unwrap().status, BLK_S_IOERR);
-    assert_eq!(q.read(0, 512).unwrap().status, BLK_S_OK);
+    assert_eq!(
+        q.write(0, &[1; 512]).unwrap().status,
+        VIRTIO_BLK_S_IOERR as u8
+    );
+    assert_eq!(q.read(0, 512).unwrap().status, VIRTIO_BLK_S_OK as u8);
 }
 
 /// Many requests in flight on one queue, completed out of a single kick, in both
@@ -489,7 +512,7 @@ fn memory_with_a_gap_handed_over_per_region() {
         );
         q.notify().unwrap();
         let c = q.complete(Duration::from_secs(5)).unwrap().remove(0);
-        assert_eq!((c.tag, c.status), (tag, BLK_S_OK));
+        assert_eq!((c.tag, c.status), (tag, VIRTIO_BLK_S_OK as u8));
         assert!(
             q.read(0, 8192).unwrap().data == data,
             "add_mem_reg {add_mem_reg}"
