@@ -124,7 +124,7 @@ pub struct StatReply {
 }
 
 /// One device in `stat`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStat {
     pub name: String,
     /// The vhost-user socket.
@@ -136,10 +136,18 @@ pub struct DeviceStat {
     /// Number of virtqueues, each served by its own worker and compression stream.
     pub streams: usize,
     pub recomp_algorithms: Vec<RecompAlgorithm>,
-    /// zram's statistics (`disksize`, `comp_algorithm`, `mm_stat`, `io_stat`, `bd_stat`, ...)
-    /// at the top level of the device object.
-    #[serde(flatten)]
-    pub zram: zram::Stats,
+    /// zram's statistics, under zram's names.
+    pub disksize: u64,
+    pub comp_algorithm: String,
+    pub mm_stat: zram::MmStat,
+    pub io_stat: zram::IoStat,
+    pub bd_stat: zram::BdStat,
+    /// Read and write requests and their bytes: `queues` summed. I/O is counted once, by the
+    /// block layer (here, per virtio request), as the kernel's block layer does for zram.
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
     /// Request counters, one entry per virtqueue.
     pub queues: Vec<QueueStats>,
 }
@@ -199,6 +207,8 @@ impl DeviceStat {
                 .map(|b| b.name().to_string())
                 .unwrap_or_default(),
         };
+        let zram = s.device.stats();
+        let queues: Vec<QueueStats> = s.queues.iter().map(|q| q.snapshot()).collect();
         DeviceStat {
             name: s.name.clone(),
             socket: s.socket.display().to_string(),
@@ -212,8 +222,16 @@ impl DeviceStat {
                     algorithm: algorithm(p),
                 })
                 .collect(),
-            zram: s.device.stats(),
-            queues: s.queues.iter().map(|q| q.snapshot()).collect(),
+            disksize: zram.disksize,
+            comp_algorithm: zram.comp_algorithm,
+            mm_stat: zram.mm_stat,
+            io_stat: zram.io_stat,
+            bd_stat: zram.bd_stat,
+            reads: queues.iter().map(|q| q.reads).sum(),
+            writes: queues.iter().map(|q| q.writes).sum(),
+            read_bytes: queues.iter().map(|q| q.read_bytes).sum(),
+            write_bytes: queues.iter().map(|q| q.write_bytes).sum(),
+            queues,
         }
     }
 }
@@ -560,8 +578,8 @@ mod tests {
                     priority: 1,
                     algorithm: "zstd".into(),
                 }],
-                zram: Default::default(),
                 queues: vec![QueueStats::default()],
+                ..Default::default()
             }],
             store: StoreStat {
                 mem_limit: 0,
