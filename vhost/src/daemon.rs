@@ -9,10 +9,10 @@
 //! vanishes; its workers finish the request they serve and exit, and every fd and mapping of
 //! the connection is released before the next connection is accepted.
 
-use crate::blk::BlkGeometry;
+use crate::blk::ConfigSpace;
 use crate::connection::Connection;
+use crate::device::BlkDevice;
 use crate::ratelimit::RateLimitedLog;
-use crate::served::Served;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -40,7 +40,7 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// A device being served: the thread that accepts connections one at a time.
 #[derive(Debug)]
 pub struct DeviceServer {
-    served: Arc<Served>,
+    served: Arc<BlkDevice>,
     stop: Arc<Stop>,
     thread: Option<JoinHandle<()>>,
 }
@@ -57,9 +57,9 @@ impl DeviceServer {
     /// Serves the device on `listener` (bound by the caller, see [`crate::sockets`]).
     /// `poll`: how long a queue worker watches its ring for more requests before it sleeps.
     pub fn start(
-        served: Arc<Served>,
+        served: Arc<BlkDevice>,
         listener: UnixListener,
-        blk: BlkGeometry,
+        blk: ConfigSpace,
         poll: Duration,
     ) -> Result<DeviceServer, DaemonError> {
         let setup = |source| DaemonError::Setup {
@@ -87,7 +87,7 @@ impl DeviceServer {
         })
     }
 
-    pub fn served(&self) -> &Arc<Served> {
+    pub fn served(&self) -> &Arc<BlkDevice> {
         &self.served
     }
 
@@ -139,8 +139,8 @@ fn wait(listener: Option<&UnixListener>, stop: &Stop, timeout: i32) -> bool {
 
 fn accept_loop(
     listener: &UnixListener,
-    served: &Arc<Served>,
-    blk: &BlkGeometry,
+    served: &Arc<BlkDevice>,
+    blk: &ConfigSpace,
     poll: Duration,
     stop: &Stop,
 ) {
@@ -198,8 +198,8 @@ fn accept_loop(
 /// Runs one connection until it ends; everything it holds is released when this returns.
 fn serve_connection(
     stream: UnixStream,
-    served: &Arc<Served>,
-    blk: &BlkGeometry,
+    served: &Arc<BlkDevice>,
+    blk: &ConfigSpace,
     poll: Duration,
     stop: &Stop,
 ) -> Result<(), String> {

@@ -297,7 +297,7 @@ fn store(out: &mut String, s: &StoreStat, devices: usize) {
 mod tests {
     use super::*;
     use crate::control::proto::RecompAlgorithm;
-    use crate::counters::QueueStats;
+    use crate::counters::RequestStats;
 
     #[test]
     fn sizes_like_zramctl() {
@@ -344,14 +344,14 @@ mod tests {
                 algorithm: "zstd:9".into(),
             }],
             queues: vec![
-                QueueStats {
+                RequestStats {
                     requests: 1234,
                     reads: 600,
                     writes: 634,
                     read_bytes: 600 * 4096,
                     ..Default::default()
                 },
-                QueueStats::default(),
+                RequestStats::default(),
             ],
             ..Default::default()
         }

@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
-use vzram::client::{Call, Client, ClientCommand, ClientError, Connection, run_to};
+use vzram::client::{Call, Client, ClientCommand, ClientError, ControlArgs, run_to};
 use vzram::control::{
     Compact, ControlError, ControlHandle, Devices, Idle, MemLimit, PageType, Recompress,
     RecompressDevice, ResetMemUsedMax, Server, ServerConfig, Stat, StatReply, Writeback,
     WritebackLimit,
 };
-use vzram::served::Served;
-use zram::{Device, PAGE_SIZE, Store};
+use vzram::device::BlkDevice;
+use zram::{PAGE_SIZE, Store};
 
 /// What a client command prints.
 fn printed(cmd: ClientCommand) -> String {
@@ -73,7 +73,7 @@ fn dev(name: &'static str) -> DevSpec {
 
 struct Fixture {
     store: Arc<Store>,
-    served: Vec<Arc<Served>>,
+    served: Vec<Arc<BlkDevice>>,
     handle: Option<ControlHandle>,
     socket: PathBuf,
     dir: TempDir,
@@ -104,7 +104,7 @@ impl Fixture {
                     zcomp::Comp::parse("lz4", &[])
                 }
                 .unwrap();
-                let device = Device::new(
+                let device = zram::Device::new(
                     store.clone(),
                     Arc::new(comp),
                     zram::Config {
@@ -113,7 +113,7 @@ impl Fixture {
                     },
                 )
                 .unwrap();
-                Served::new(
+                BlkDevice::new(
                     d.name.into(),
                     dir.0.join(format!("{}.sock", d.name)),
                     Arc::new(device),
@@ -150,16 +150,16 @@ impl Fixture {
         );
     }
 
-    fn device(&self, i: usize) -> &Device {
-        &self.served[i].device
+    fn device(&self, i: usize) -> &zram::Device {
+        &self.served[i].zram
     }
 
     fn client(&self) -> Client {
         Client::connect(&self.socket, TIMEOUT_SECS).unwrap()
     }
 
-    fn conn(&self) -> Connection {
-        Connection {
+    fn conn(&self) -> ControlArgs {
+        ControlArgs {
             control: Some(self.socket.clone()),
             timeout: Some(TIMEOUT_SECS),
         }
@@ -212,7 +212,7 @@ fn error_of(v: &Value) -> &str {
 }
 
 /// Writes pages `range` of `kind`.
-fn fill(dev: &Device, range: std::ops::Range<u64>, kind: PageKind) {
+fn fill(dev: &zram::Device, range: std::ops::Range<u64>, kind: PageKind) {
     let mut stream = dev.new_stream();
     let mut page = [0u8; PAGE_SIZE];
     for i in range {
@@ -221,7 +221,7 @@ fn fill(dev: &Device, range: std::ops::Range<u64>, kind: PageKind) {
     }
 }
 
-fn check_page(dev: &Device, i: u64, kind: PageKind) {
+fn check_page(dev: &zram::Device, i: u64, kind: PageKind) {
     let mut stream = dev.new_stream();
     let mut want = [0u8; PAGE_SIZE];
     let mut got = [0u8; PAGE_SIZE];
@@ -266,7 +266,7 @@ fn stat_matches_the_devices() {
         assert_eq!(d.name, s.name);
         assert_eq!(d.socket, s.socket.display().to_string());
         assert_eq!(d.streams, s.queues.len());
-        let z = s.device.stats();
+        let z = s.zram.stats();
         assert_eq!(
             (&d.mm_stat, &d.io_stat, &d.bd_stat),
             (&z.mm_stat, &z.io_stat, &z.bd_stat),
@@ -887,7 +887,7 @@ fn unreachable_socket_is_a_clear_error() {
     let e = run_to(
         ClientCommand::Compact(Call {
             args: Compact {},
-            conn: Connection {
+            conn: ControlArgs {
                 control: Some(path.clone()),
                 timeout: None,
             },

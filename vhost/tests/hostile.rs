@@ -42,7 +42,7 @@ use vhost::vhost_user::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vufront::{Desc, Device, GuestBuf, GuestMem, Options, Queue, RegionSpec, Request};
+use vufront::{Desc, Frontend, GuestBuf, GuestMem, Options, Queue, RegionSpec, Request};
 
 /// How long a reply may take.
 const T: Duration = Duration::from_secs(2);
@@ -1073,7 +1073,7 @@ fn b_frontend(sock: PathBuf, stop: Arc<AtomicBool>, stats: Arc<BStats>) {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let began = stats.label.lock().unwrap().clone();
-        let mut dev = match Device::connect(&sock, &opts) {
+        let mut dev = match Frontend::connect(&sock, &opts) {
             Ok(d) => d,
             Err(e) => {
                 miss(&began, format!("connect: {e}"));

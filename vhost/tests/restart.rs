@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vufront::{Device, Options, Request};
+use vufront::{Frontend, Options, Request};
 
 const PAGES: u64 = 1024;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,14 +31,14 @@ fn content(p: u64, v: u64) -> Vec<u8> {
     b
 }
 
-fn connect(sock: &Path) -> Device {
+fn connect(sock: &Path) -> Frontend {
     let opts = Options {
         mem_size: 4 << 20,
         connect_timeout: TIMEOUT,
         reply_timeout: Some(TIMEOUT),
         ..Options::default()
     };
-    Device::connect(sock, &opts).expect("connect")
+    Frontend::connect(sock, &opts).expect("connect")
 }
 
 fn args(dir: &Path) -> Vec<String> {

@@ -18,17 +18,17 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT,
 };
-use vufront::{Desc, Device, GuestMem, Options, Queue, RegionSpec, Request, Segment};
-use vzram::blk::BlkGeometry;
+use vufront::{Desc, Frontend, GuestMem, Options, Queue, RegionSpec, Request, Segment};
+use vzram::blk::ConfigSpace;
 use vzram::daemon::DeviceServer;
-use vzram::served::Served;
+use vzram::device::BlkDevice;
 
 const DISK: u64 = 64 << 20;
 const T: Duration = Duration::from_secs(10);
 
 struct Daemon {
     server: Option<DeviceServer>,
-    served: Arc<Served>,
+    served: Arc<BlkDevice>,
     socket: PathBuf,
     _dir: TempDir,
 }
@@ -56,7 +56,7 @@ fn daemon_with(num_queues: u16, readonly: bool, mem_limit: u64) -> Daemon {
     let dir = temp_dir();
     let socket = dir.0.join("vz0.sock");
     let served = common::served(DISK, socket.clone(), num_queues, readonly, mem_limit);
-    let blk = BlkGeometry {
+    let blk = ConfigSpace {
         size: DISK,
         blk_size: 4096,
         num_queues,
@@ -102,7 +102,7 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn features_protocol_and_config() {
     let d = daemon_with(4, false, 0);
-    let dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let offered = dev.offered_features();
     for (bit, name) in [
         ((1 << VIRTIO_F_VERSION_1), "VERSION_1"),
@@ -144,7 +144,7 @@ fn features_protocol_and_config() {
     assert!(c.max_discard_sectors >= 1 << 20 && c.max_discard_sectors % 8 == 0);
     // A read-only device says so.
     let ro = daemon_with(1, true, 0);
-    let dev = Device::connect(&ro.socket, &opts(1)).unwrap();
+    let dev = Frontend::connect(&ro.socket, &opts(1)).unwrap();
     assert!(dev.offered_features() & (1 << VIRTIO_BLK_F_RO) != 0);
 }
 
@@ -152,7 +152,7 @@ fn features_protocol_and_config() {
 fn write_on_one_queue_read_on_another() {
     for event_idx in [true, false] {
         let d = daemon();
-        let mut dev = Device::connect(
+        let mut dev = Frontend::connect(
             &d.socket,
             &Options {
                 event_idx,
@@ -176,7 +176,7 @@ fn write_on_one_queue_read_on_another() {
         q0.execute(&req, T).unwrap().check().unwrap();
         let c = q1.read(4096, big.len() as u32).unwrap().check().unwrap();
         assert!(c.data == big);
-        let stats = d.served.device.stats();
+        let stats = d.served.zram.stats();
         assert_eq!(stats.mm_stat.orig_data_size, (64 + 256) * 4096);
         let q = [d.served.queues[0].snapshot(), d.served.queues[1].snapshot()];
         assert_eq!((q[0].writes, q[1].reads), (65, 65));
@@ -186,7 +186,7 @@ fn write_on_one_queue_read_on_another() {
 #[test]
 fn all_queues_in_parallel_with_deep_queues() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(4)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(4)).unwrap();
     let queues = dev.take_queues();
     std::thread::scope(|s| {
         for mut q in queues {
@@ -234,13 +234,13 @@ fn all_queues_in_parallel_with_deep_queues() {
 #[test]
 fn discard_gives_memory_back() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     for i in 0..512 {
         q.write(i * 8, &page(i)).unwrap().check().unwrap();
     }
-    let store = d.served.device.store().clone();
-    let full = d.served.device.stats().mm_stat;
+    let store = d.served.zram.store().clone();
+    let full = d.served.zram.stats().mm_stat;
     assert_eq!(full.orig_data_size, 512 * 4096);
     assert!(full.mem_used_total > 0);
     let segs = [
@@ -256,7 +256,7 @@ fn discard_gives_memory_back() {
         },
     ];
     q.discard(&segs).unwrap().check().unwrap();
-    let after = d.served.device.stats().mm_stat;
+    let after = d.served.zram.stats().mm_stat;
     assert_eq!(after.orig_data_size, 0);
     assert_eq!(after.compr_data_size, 0);
     store.compact();
@@ -281,7 +281,7 @@ fn discard_gives_memory_back() {
 #[test]
 fn memory_limit_fails_writes_not_the_daemon() {
     let d = daemon_with(1, false, 1 << 20);
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     let mut rng = 0x1234_5678_9abc_def0u64;
     let mut failed = 0;
@@ -303,9 +303,9 @@ fn memory_limit_fails_writes_not_the_daemon() {
         }
     }
     assert!(failed > 500, "only {failed} writes failed");
-    let store = d.served.device.store();
+    let store = d.served.zram.store();
     assert!(store.mem_used_total() <= 1 << 20);
-    assert_eq!(d.served.device.stats().io_stat.failed_writes, failed);
+    assert_eq!(d.served.zram.stats().io_stat.failed_writes, failed);
     // Still serving: reads work, and writes work again once memory is freed.
     q.read(0, 4096).unwrap().check().unwrap();
     q.discard(&[Segment {
@@ -335,7 +335,7 @@ fn malformed_chains_over_the_socket() {
         },
     ])
     .unwrap();
-    let mut dev = Device::connect_with_memory(&d.socket, &opts(1), mem.clone()).unwrap();
+    let mut dev = Frontend::connect_with_memory(&d.socket, &opts(1), mem.clone()).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     q.write(0, &page(5)).unwrap().check().unwrap();
     let hdr = |typ: u32, sector: u64| {
@@ -441,7 +441,7 @@ fn malformed_chains_over_the_socket() {
 #[test]
 fn corrupt_avail_ring_stops_only_that_queue_until_reconnect() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(2)).unwrap();
     let mut q0 = dev.take_queue(0).unwrap();
     let mut q1 = dev.take_queue(1).unwrap();
     q0.write(0, &page(1)).unwrap().check().unwrap();
@@ -459,7 +459,7 @@ fn corrupt_avail_ring_stops_only_that_queue_until_reconnect() {
     }
     drop((q0, q1, dev));
     // A new connection serves queue 0 again, with the data.
-    let mut dev = Device::connect(&d.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(2)).unwrap();
     let mut q0 = dev.take_queue(0).unwrap();
     assert!(q0.read(0, 4096).unwrap().check().unwrap().data == page(1));
 }
@@ -468,7 +468,7 @@ fn corrupt_avail_ring_stops_only_that_queue_until_reconnect() {
 fn reconnect_keeps_the_data() {
     let d = daemon();
     {
-        let mut dev = Device::connect(&d.socket, &opts(2)).unwrap();
+        let mut dev = Frontend::connect(&d.socket, &opts(2)).unwrap();
         let mut q = dev.take_queue(1).unwrap();
         for i in 0..100 {
             q.write(i * 8, &page(i)).unwrap().check().unwrap();
@@ -478,7 +478,7 @@ fn reconnect_keeps_the_data() {
     wait_until("the daemon to see the hang-up", || {
         !d.served.connected.load(Ordering::Relaxed)
     });
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     for i in 0..100 {
         assert!(
@@ -493,7 +493,7 @@ fn reconnect_keeps_the_data() {
 #[test]
 fn get_vring_base_waits_for_requests_in_flight() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q: Queue = dev.take_queue(0).unwrap();
     for i in 0..32 {
         q.enqueue(&Request::write(i * 8, &page(i))).unwrap();
@@ -518,13 +518,13 @@ fn get_vring_base_waits_for_requests_in_flight() {
         assert!(more.iter().all(|c| c.ok()));
         total += more.len();
     }
-    assert_eq!(d.served.device.stats().mm_stat.orig_data_size, 32 * 4096);
+    assert_eq!(d.served.zram.stats().mm_stat.orig_data_size, 32 * 4096);
 }
 
 #[test]
 fn readonly_device_refuses_writes() {
     let d = daemon_with(1, true, 0);
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     assert_eq!(
         q.write(0, &page(1)).unwrap().status,
@@ -538,7 +538,7 @@ fn readonly_device_refuses_writes() {
 #[test]
 fn stop_cuts_off_the_frontend_and_leaves_the_socket() {
     let mut d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     q.write(0, &page(7)).unwrap().check().unwrap();
     d.server.take().unwrap().stop();

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use vufront::load::{self, Job, JobReport, LoadOptions, Target, TargetQueue, Verify};
 use vufront::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use vufront::{Completion, Request};
-use vzram::blk::{BlkGeometry, PAGE_SIZE};
+use vzram::blk::{ConfigSpace, PAGE_SIZE};
 use vzram::daemon::DeviceServer;
-use vzram::served::Served;
+use vzram::device::BlkDevice;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -153,7 +153,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| BenchError::Setup(format!("{}: {e}", dir.display())))?;
     let socket = dir.join("bench.sock");
-    let served = Served::new(
+    let served = BlkDevice::new(
         "bench".into(),
         socket.clone(),
         device.clone(),
@@ -161,7 +161,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         false,
         "vzram-bench".into(),
     );
-    let blk = BlkGeometry {
+    let blk = ConfigSpace {
         size: args.size,
         blk_size: PAGE_SIZE as u32,
         num_queues: args.num_queues,
@@ -320,7 +320,7 @@ pub struct StoreQueue {
     device: Arc<zram::Device>,
     stream: zcomp::Stream,
     next_tag: u64,
-    // Served, not yet reaped; (completion, its enqueue time).
+    // BlkDevice, not yet reaped; (completion, its enqueue time).
     done: Vec<(Completion, Instant)>,
 }
 

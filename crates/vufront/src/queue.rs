@@ -26,7 +26,7 @@ pub struct ChainSeg {
 
 /// What a queue has done, for tests of notification suppression and for reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct QueueCounters {
+pub struct RingCounters {
     /// Chains published on the avail ring.
     pub published: u64,
     /// Eventfd kicks sent to the backend.
@@ -69,15 +69,15 @@ pub struct Queue {
     pub(crate) inflight: Vec<Option<Inflight>>,
     pub(crate) ready: VecDeque<Completion>,
     pub(crate) next_tag: u64,
-    counters: QueueCounters,
-    /// The connection's vhost-user socket (held by the [`crate::Device`]): a wait ends with
+    counters: RingCounters,
+    /// The connection's vhost-user socket (held by the [`crate::Frontend`]): a wait ends with
     /// an error when the backend hangs up instead of lasting its whole timeout.
     peer: Weak<OwnedFd>,
 }
 
 impl Queue {
     /// A queue of `size` entries with fresh (zeroed) rings in `mem`. `event_idx` and
-    /// `indirect` say what was negotiated; [`crate::Device`] sets them.
+    /// `indirect` say what was negotiated; [`crate::Frontend`] sets them.
     pub fn new(mem: &Arc<GuestMem>, index: u16, size: u16) -> Result<Queue> {
         if size == 0 || !size.is_power_of_two() {
             return Err(Error::Invalid(format!(
@@ -106,7 +106,7 @@ impl Queue {
             inflight: (0..size).map(|_| None).collect(),
             ready: VecDeque::new(),
             next_tag: 0,
-            counters: QueueCounters::default(),
+            counters: RingCounters::default(),
             peer: Weak::new(),
         })
     }
@@ -189,7 +189,7 @@ impl Queue {
     }
 
     /// Counters so far.
-    pub fn counters(&self) -> QueueCounters {
+    pub fn counters(&self) -> RingCounters {
         self.counters
     }
 
@@ -441,7 +441,7 @@ impl Queue {
         self.sleep(timeout)
     }
 
-    /// Which connection's hang-up ends this queue's waits ([`crate::Device::attach_queue`]).
+    /// Which connection's hang-up ends this queue's waits ([`crate::Frontend::attach_queue`]).
     pub(crate) fn set_peer(&mut self, peer: Weak<OwnedFd>) {
         self.peer = peer;
     }

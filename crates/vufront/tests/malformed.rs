@@ -15,8 +15,8 @@ use vufront::*;
 const GAP: u64 = 0x2000_0000;
 
 struct Setup {
-    s: Served,
-    _dev: Device,
+    s: ServedRamdisk,
+    _dev: Frontend,
     q: Queue,
     mem: Arc<GuestMem>,
 }
@@ -40,7 +40,7 @@ fn setup() -> Setup {
         queue_size: 16,
         ..Options::default()
     };
-    let mut dev = Device::connect_with_memory(&s.socket, &opts, mem.clone()).unwrap();
+    let mut dev = Frontend::connect_with_memory(&s.socket, &opts, mem.clone()).unwrap();
     let q = dev.take_queue(0).unwrap();
     Setup {
         s,
@@ -84,7 +84,7 @@ fn byte(b: &GuestBuf) -> u8 {
     b.to_vec().unwrap()[0]
 }
 
-fn disk_sector(s: &Served, sector: u64) -> Vec<u8> {
+fn disk_sector(s: &ServedRamdisk, sector: u64) -> Vec<u8> {
     let mut v = vec![0u8; 512];
     s.disk.read(sector * 512, &mut v).unwrap();
     v

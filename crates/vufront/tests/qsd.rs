@@ -99,7 +99,7 @@ fn opts(queues: u16) -> Options {
 #[test]
 fn qsd_requests_in_every_layout() {
     let qsd = Qsd::start(32 << 20, 2);
-    let mut dev = Device::connect(&qsd.socket, &opts(2))
+    let mut dev = Frontend::connect(&qsd.socket, &opts(2))
         .unwrap_or_else(|e| panic!("{e}; qsd log: {}", qsd.log()));
     assert_eq!(dev.capacity(), 32 << 20);
     assert_eq!(dev.max_queues(), 2);
@@ -202,13 +202,13 @@ fn qsd_load_verify_and_reconnect() {
     assert_eq!(r.jobs[1].verified_pages, 4000, "{r}");
 
     // QSD serves the next frontend after one leaves; the data is in the file.
-    let mut dev = Device::connect(&qsd.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&qsd.socket, &opts(2)).unwrap();
     let q = dev.queue_mut(0).unwrap();
     q.write(8, &[0x42; 4096]).unwrap().check().unwrap();
     q.read(8, 4096).unwrap().check().unwrap();
     assert_eq!(dev.stop_queue(0).unwrap(), 2);
     dev.disconnect();
-    let mut dev = Device::connect(&qsd.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&qsd.socket, &opts(1)).unwrap();
     let c = dev
         .queue_mut(0)
         .unwrap()
@@ -221,7 +221,7 @@ fn qsd_load_verify_and_reconnect() {
     // QSD serves one frontend at a time: a second one is accepted by the kernel but gets no
     // answer, which the reply timeout turns into an error instead of a hang. (SET_OWNER needs
     // no reply before REPLY_ACK is negotiated, so GET_FEATURES is the first to wait.)
-    let err = Device::connect(
+    let err = Frontend::connect(
         &qsd.socket,
         &Options {
             reply_timeout: Some(Duration::from_millis(500)),

@@ -26,7 +26,7 @@ fn opts(queues: u16) -> Options {
 #[test]
 fn config_and_features_are_negotiated() {
     let s = serve_default();
-    let dev = Device::connect(&s.socket, &opts(2)).unwrap();
+    let dev = Frontend::connect(&s.socket, &opts(2)).unwrap();
     let c = dev.config();
     assert_eq!(c, &s.disk.blk_config());
     assert_eq!(dev.capacity(), 64 << 20);
@@ -64,7 +64,7 @@ fn refused_and_unoffered_features() {
         indirect: false,
         ..RamdiskConfig::default()
     });
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     assert_eq!(
         dev.features() & ((1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC)),
         0
@@ -80,7 +80,7 @@ fn refused_and_unoffered_features() {
 
     // A frontend that acks a feature nobody offered is refused at SET_FEATURES.
     let s = serve_default();
-    let err = Device::connect(
+    let err = Frontend::connect(
         &s.socket,
         &Options {
             features_override: Some(
@@ -103,7 +103,7 @@ fn refused_and_unoffered_features() {
         "{err}"
     );
     // More queues than offered.
-    let err = Device::connect(&s.socket, &opts(3)).unwrap_err();
+    let err = Frontend::connect(&s.socket, &opts(3)).unwrap_err();
     assert!(matches!(err, Error::Invalid(_)), "{err}");
 }
 
@@ -112,7 +112,7 @@ fn connect_retries_until_the_backend_listens() {
     let dir = TempDir::new("late");
     let socket = dir.join("late.sock");
     let t = Instant::now();
-    let err = Device::connect(
+    let err = Frontend::connect(
         &socket,
         &Options {
             connect_timeout: Duration::from_millis(200),
@@ -129,7 +129,7 @@ fn connect_retries_until_the_backend_listens() {
         std::thread::sleep(Duration::from_millis(300));
         disk.serve(&sock2).unwrap()
     });
-    let mut dev = Device::connect(&socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&socket, &opts(1)).unwrap();
     dev.queue_mut(0).unwrap().flush().unwrap().check().unwrap();
     drop(dev);
     late.join().unwrap().stop();
@@ -141,7 +141,7 @@ fn a_silent_backend_fails_the_call_instead_of_hanging() {
     let socket = dir.join("silent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let t = Instant::now();
-    let err = Device::connect(
+    let err = Frontend::connect(
         &socket,
         &Options {
             reply_timeout: Some(Duration::from_millis(300)),
@@ -166,7 +166,7 @@ fn a_silent_backend_fails_the_call_instead_of_hanging() {
 #[test]
 fn data_survives_every_layout() {
     let s = serve_default();
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     let layouts = [
         Layout::default(),
@@ -231,7 +231,7 @@ fn flush_get_id_discard_write_zeroes() {
         serial: "a-serial-longer-than-twenty-bytes".into(),
         ..RamdiskConfig::default()
     });
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     assert_eq!(q.flush().unwrap().used_len, 1);
     let id = q.get_id().unwrap().check().unwrap();
@@ -283,7 +283,7 @@ fn flush_get_id_discard_write_zeroes() {
 #[test]
 fn bad_requests_get_error_statuses() {
     let s = serve_default();
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     let cap = dev.capacity() / 512;
     let mut q = dev.take_queue(0).unwrap();
     let before = s.disk.stats();
@@ -327,7 +327,7 @@ fn bad_requests_get_error_statuses() {
         readonly: true,
         ..RamdiskConfig::default()
     });
-    let mut dev = Device::connect(&ro.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&ro.socket, &opts(1)).unwrap();
     assert_ne!(dev.features() & (1 << VIRTIO_BLK_F_RO), 0);
     let q = dev.queue_mut(0).unwrap();
     assert_eq!(
@@ -344,7 +344,7 @@ fn bad_requests_get_error_statuses() {
 fn queue_depth_and_no_lost_wakeups() {
     for event_idx in [true, false] {
         let s = serve_default();
-        let mut dev = Device::connect(
+        let mut dev = Frontend::connect(
             &s.socket,
             &Options {
                 event_idx,
@@ -393,7 +393,7 @@ fn queues_run_in_parallel() {
         num_queues: 4,
         ..RamdiskConfig::default()
     });
-    let mut dev = Device::connect(&s.socket, &opts(4)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(4)).unwrap();
     let queues = dev.take_queues();
     assert_eq!(queues.len(), 4);
     std::thread::scope(|sc| {
@@ -417,7 +417,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
     let s = serve_default();
     let data = pattern(4096 * 3, 9);
 
-    let mut dev = Device::connect(&s.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(2)).unwrap();
     let q = dev.queue_mut(0).unwrap();
     q.write(100, &data).unwrap().check().unwrap();
     q.flush().unwrap().check().unwrap();
@@ -426,7 +426,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
     dev.disconnect();
 
     // A new frontend, fresh rings: the store outlived the connection.
-    let mut dev = Device::connect(&s.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(2)).unwrap();
     let c = dev.queue_mut(1).unwrap().read(100, 4096 * 3).unwrap();
     assert!(c.check().unwrap().data == data);
     assert!(eventually(Duration::from_secs(2), || s
@@ -437,7 +437,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
     // Resume: same memory and rings on a third connection, base from GET_VRING_BASE.
     let mem = GuestMem::with_size(8 << 20).unwrap();
     drop(dev);
-    let mut dev = Device::connect_with_memory(&s.socket, &opts(1), mem.clone()).unwrap();
+    let mut dev = Frontend::connect_with_memory(&s.socket, &opts(1), mem.clone()).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     for i in 0..5 {
         q.write(i * 8, &[i as u8; 4096]).unwrap().check().unwrap();
@@ -445,7 +445,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
     let base = dev.stop_queue(0).unwrap();
     assert_eq!(base, 5);
     drop(dev);
-    let mut dev = Device::connect_with_memory(
+    let mut dev = Frontend::connect_with_memory(
         &s.socket,
         &Options {
             num_queues: 0,
@@ -473,7 +473,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
         "{err}"
     );
     drop(dev);
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     dev.queue_mut(0).unwrap().flush().unwrap().check().unwrap();
 }
 
@@ -500,7 +500,7 @@ fn memory_with_a_gap_handed_over_per_region() {
             ..opts(1)
         };
         let mem2 = GuestMem::new(mem.regions()).unwrap();
-        let mut dev = Device::connect_with_memory(&s.socket, &o, mem2).unwrap();
+        let mut dev = Frontend::connect_with_memory(&s.socket, &o, mem2).unwrap();
         let q = dev.queue_mut(0).unwrap();
         assert!(q.used_gpa() < 0x10_3000);
         let data = pattern(8192, 77);

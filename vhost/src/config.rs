@@ -2,9 +2,9 @@
 //! ([`Config`], every default written once, beside its flag), and building the store and
 //! devices from it.
 
-use crate::blk::{BlkGeometry, PAGE_SIZE};
+use crate::blk::{ConfigSpace, PAGE_SIZE};
 use crate::control::ServerConfig;
-use crate::served::Served;
+use crate::device::BlkDevice;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -264,9 +264,9 @@ fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
 
 /// What `serve` builds: one store and the devices on it.
 #[derive(Debug)]
-pub struct Built {
+pub struct StoreAndDevices {
     pub store: Arc<zram::Store>,
-    pub devices: Vec<(Arc<Served>, BlkGeometry)>,
+    pub devices: Vec<(Arc<BlkDevice>, ConfigSpace)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -467,7 +467,7 @@ impl Config {
     }
 
     /// Builds the shared store and the devices (and opens their backing files).
-    pub fn build(&self) -> Result<Built, BuildError> {
+    pub fn build(&self) -> Result<StoreAndDevices, BuildError> {
         // A state's backing files hold its written-back pages: they are its own to reuse.
         let attaching = self
             .state_dir
@@ -534,7 +534,7 @@ impl Config {
         };
         let mut devices = Vec::new();
         for (d, device) in self.devices.iter().zip(zdevices) {
-            let served = Served::new(
+            let served = BlkDevice::new(
                 d.name.clone(),
                 d.socket.clone(),
                 Arc::new(device),
@@ -542,7 +542,7 @@ impl Config {
                 d.readonly,
                 d.serial.clone(),
             );
-            let blk = BlkGeometry {
+            let blk = ConfigSpace {
                 size: d.size,
                 blk_size: d.blk_size,
                 num_queues: d.num_queues,
@@ -550,7 +550,7 @@ impl Config {
             };
             devices.push((served, blk));
         }
-        Ok(Built { store, devices })
+        Ok(StoreAndDevices { store, devices })
     }
 }
 
