@@ -10,8 +10,8 @@ use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vzram::blk::{ConfigSpace, RequestHandler};
-use vzram::device::BlkDevice;
+use vzram::BlkDevice;
+use vzram::{ConfigSpace, RequestHandler};
 
 const HDR: u64 = 0x1_0000;
 const STATUS: u64 = 0x1_1000;

@@ -13,9 +13,9 @@ use std::time::Duration;
 /// Most queues a device offers: QEMU's default `num-queues` is the VM's vCPU count, so offer
 /// plenty. Worker threads idle on an eventfd until their queue is used; streams are made
 /// lazily.
-pub const DEFAULT_NUM_QUEUES: u16 = 16;
+const DEFAULT_NUM_QUEUES: u16 = 16;
 /// The vhost-user backend library maps queues to threads with a 64-bit mask.
-pub const MAX_NUM_QUEUES: u16 = 64;
+const MAX_NUM_QUEUES: u16 = 64;
 
 #[derive(Debug, Args)]
 #[command(after_long_help = SERVE_EXAMPLES)]
@@ -446,7 +446,7 @@ impl TryFrom<&ServeArgs> for Config {
 }
 
 /// The default control socket: `vzram.ctl` beside the first device socket.
-pub fn default_control_path(first_socket: &Path) -> PathBuf {
+fn default_control_path(first_socket: &Path) -> PathBuf {
     first_socket
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

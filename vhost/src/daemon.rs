@@ -40,7 +40,6 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// A device being served: the thread that accepts connections one at a time.
 #[derive(Debug)]
 pub struct DeviceServer {
-    served: Arc<BlkDevice>,
     stop: Arc<Stop>,
     thread: Option<JoinHandle<()>>,
 }
@@ -62,8 +61,9 @@ impl DeviceServer {
         blk: ConfigSpace,
         poll: Duration,
     ) -> Result<DeviceServer, DaemonError> {
+        let path = served.socket.clone();
         let setup = |source| DaemonError::Setup {
-            path: served.socket.clone(),
+            path: path.clone(),
             source,
         };
         crate::fault::install().map_err(setup)?;
@@ -74,21 +74,16 @@ impl DeviceServer {
             current: Mutex::new(None),
         });
         let thread = {
-            let (served, stop) = (served.clone(), stop.clone());
+            let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("{}-accept", served.name))
                 .spawn(move || accept_loop(&listener, &served, &blk, poll, &stop))
                 .map_err(setup)?
         };
         Ok(DeviceServer {
-            served,
             stop,
             thread: Some(thread),
         })
-    }
-
-    pub fn served(&self) -> &Arc<BlkDevice> {
-        &self.served
     }
 
     /// Stops accepting, cuts off the connected frontend (its workers finish the requests they

@@ -4,10 +4,10 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::sync::Arc;
+use vzram::DeviceServer;
 use vzram::client::ClientCommand;
 use vzram::config::{Config, ServeArgs};
 use vzram::control::{self, Server};
-use vzram::daemon::DeviceServer;
 use vzram::sockets::{self, ClaimedSocket, PathLock};
 
 #[derive(Debug, Parser)]

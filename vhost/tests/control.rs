@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
+use vzram::BlkDevice;
 use vzram::client::{Call, Client, ClientCommand, ClientError, ControlArgs, run_to};
 use vzram::control::{
     Compact, ControlError, ControlHandle, Devices, Idle, MemLimit, PageType, Recompress,
     RecompressDevice, ResetMemUsedMax, Server, ServerConfig, Stat, StatReply, Writeback,
     WritebackLimit,
 };
-use vzram::device::BlkDevice;
 use zram::{PAGE_SIZE, Store};
 
 /// What a client command prints.

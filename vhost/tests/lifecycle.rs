@@ -6,8 +6,8 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vufront::{Frontend, Options};
-use vzram::blk::ConfigSpace;
-use vzram::daemon::{DEFAULT_POLL, DeviceServer};
+use vzram::ConfigSpace;
+use vzram::{DEFAULT_POLL, DeviceServer};
 
 /// Queue worker threads of device `vz0` ("vz0-q0", "vz0-q1", ...).
 fn workers() -> usize {

@@ -15,8 +15,8 @@ use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vzram::blk::{ConfigSpace, RequestHandler};
-use vzram::device::BlkDevice;
+use vzram::BlkDevice;
+use vzram::{ConfigSpace, RequestHandler};
 
 const QUEUE_SIZE: u16 = 16;
 /// Guest memory: two regions with an unmapped hole between them.
@@ -163,7 +163,7 @@ impl Rig {
             .0
     }
 
-    fn counters(&self) -> vzram::counters::RequestStats {
+    fn counters(&self) -> vzram::RequestStats {
         self.served.queues[0].snapshot()
     }
 }

@@ -19,9 +19,9 @@ use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT,
 };
 use vufront::{Desc, Frontend, GuestMem, Options, Queue, RegionSpec, Request, Segment};
-use vzram::blk::ConfigSpace;
-use vzram::daemon::DeviceServer;
-use vzram::device::BlkDevice;
+use vzram::BlkDevice;
+use vzram::ConfigSpace;
+use vzram::DeviceServer;
 
 const DISK: u64 = 64 << 20;
 const T: Duration = Duration::from_secs(10);
@@ -63,8 +63,7 @@ fn daemon_with(num_queues: u16, readonly: bool, mem_limit: u64) -> Daemon {
         queue_size: 256,
     };
     let listener = std::os::unix::net::UnixListener::bind(&served.socket).unwrap();
-    let server =
-        DeviceServer::start(served.clone(), listener, blk, vzram::daemon::DEFAULT_POLL).unwrap();
+    let server = DeviceServer::start(served.clone(), listener, blk, vzram::DEFAULT_POLL).unwrap();
     Daemon {
         server: Some(server),
         served,

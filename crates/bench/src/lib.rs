@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use vufront::load::{self, Job, JobReport, LoadOptions, Target, TargetQueue, Verify};
 use vufront::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use vufront::{Completion, Request};
-use vzram::blk::{ConfigSpace, PAGE_SIZE};
-use vzram::daemon::DeviceServer;
-use vzram::device::BlkDevice;
+use vzram::BlkDevice;
+use vzram::DeviceServer;
+use vzram::{ConfigSpace, PAGE_SIZE};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use vzram::device::BlkDevice;
+use vzram::BlkDevice;
 
 /// A served lz4 device of `size` bytes on its own store (memory limit `mem_limit`, 0 = none).
 pub fn served(
