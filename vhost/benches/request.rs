@@ -1,4 +1,4 @@
-//! The request path without vhost-user: one chain through `Worker::process` (descriptor walk,
+//! The request path without vhost-user: one chain through `RequestHandler::process` (descriptor walk,
 //! checks, header, data, status), next to the store call it wraps, in the same run.
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -10,8 +10,8 @@ use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vzram::blk::{BlkGeometry, Worker};
-use vzram::served::Served;
+use vzram::BlkDevice;
+use vzram::{ConfigSpace, RequestHandler};
 
 const HDR: u64 = 0x1_0000;
 const STATUS: u64 = 0x1_1000;
@@ -27,7 +27,7 @@ fn bench(c: &mut Criterion) {
         backing_file: None,
     };
     let device = Arc::new(zram::Device::new(store, comp, cfg).unwrap());
-    let served = Served::new(
+    let served = BlkDevice::new(
         "b".into(),
         "/b".into(),
         device.clone(),
@@ -35,13 +35,13 @@ fn bench(c: &mut Criterion) {
         false,
         "b".into(),
     );
-    let blk = BlkGeometry {
+    let blk = ConfigSpace {
         size: SIZE,
         blk_size: 4096,
         num_queues: 1,
         queue_size: 256,
     };
-    let mut worker = Worker::new(served, 0, blk);
+    let mut worker = RequestHandler::new(served, 0, blk);
     let mut page = [0u8; 4096];
     pagemix::fill_kind(pagemix::PageKind::Heap, 1, 1, &mut page);
     let mut stream = device.new_stream();
@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
     pagemix::fill_kind(pagemix::PageKind::Heap, 1, 1, &mut src);
     for (typ, name) in [(VIRTIO_BLK_T_IN, "read"), (VIRTIO_BLK_T_OUT, "write")] {
         chain(&mem, &vq, typ);
-        g.bench_function(format!("{name} 4 KiB via Worker::process"), |b| {
+        g.bench_function(format!("{name} 4 KiB via RequestHandler::process"), |b| {
             b.iter(|| serve_again(&mem, &vq, &mut q, &mut worker))
         });
         if typ == VIRTIO_BLK_T_IN {
@@ -93,7 +93,7 @@ fn serve_again(
     mem: &GuestMemoryMmap<()>,
     vq: &MockSplitQueue<GuestMemoryMmap<()>>,
     q: &mut Queue,
-    worker: &mut Worker,
+    worker: &mut RequestHandler,
 ) -> u32 {
     let idx = q.next_avail();
     vq.avail()

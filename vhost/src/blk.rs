@@ -20,10 +20,12 @@
 //! 4 KiB copy per page each way (docs/benchmarks.md); decompressing straight into guest memory
 //! would need a decompressor that writes through a raw pointer, which lz4_flex does not offer.
 
-use crate::counters::QueueCounters;
+use crate::counters::RequestCounters;
+use crate::device::BlkDevice;
 use crate::ratelimit::RateLimitedLog;
-use crate::request::{Cursor, Disk, Error, Kind, Parsed, Parser, Request, Seg, gather, scatter};
-use crate::served::Served;
+use crate::request::{
+    Cursor, Disk, Error, Kind, ParsedChain, Parser, Request, Seg, gather, scatter,
+};
 use std::mem::offset_of;
 use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
@@ -48,18 +50,21 @@ pub const MAX_DISCARD_SEG: u32 = 32;
 /// Sectors per discard / write-zeroes segment: the largest whole number of pages in a u32.
 pub const MAX_DISCARD_SECTORS: u32 = (u32::MAX / SECTORS_PER_PAGE as u32) * SECTORS_PER_PAGE as u32;
 
-/// What the device tells the guest in its config space.
+/// The virtio-blk configuration the device offers the guest: what [`ConfigSpace::to_bytes`]
+/// encodes as `virtio_blk_config` (capacity, block size, queues, segment limits), and the most
+/// entries a virtqueue may have.
 #[derive(Debug, Clone)]
-pub struct BlkGeometry {
+pub struct ConfigSpace {
     /// Disk size in bytes (a multiple of the page size).
     pub size: u64,
     /// Logical block size the guest should use: 4096 (default) or 512.
     pub blk_size: u32,
     pub num_queues: u16,
+    /// Most entries per virtqueue (a larger `SET_VRING_NUM` is refused); `seg_max` follows.
     pub queue_size: u16,
 }
 
-impl BlkGeometry {
+impl ConfigSpace {
     /// Longest data chain a request may carry (`seg_max`): QEMU's rule, queue size minus the
     /// header and status descriptors.
     pub fn seg_max(&self) -> u32 {
@@ -68,7 +73,7 @@ impl BlkGeometry {
 
     /// The virtio_blk_config bytes (little endian), up to and including the write-zeroes
     /// fields; the fields of features we do not offer stay zero.
-    pub fn config_space(&self) -> Vec<u8> {
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = vec![0u8; std::mem::size_of::<virtio_blk_config>()];
         let mut put = |off: usize, bytes: &[u8]| b[off..off + bytes.len()].copy_from_slice(bytes);
         put(
@@ -132,10 +137,11 @@ impl BlkGeometry {
     }
 }
 
-/// The request state of one virtqueue: its parser, compression stream and bounce page. Owned
-/// by the queue's worker thread; nothing here is shared with other queues.
+/// Serves the requests of one virtqueue: parses each chain, runs it against the zram device,
+/// writes the status and counts it. Holds the queue's parser, compression stream and bounce
+/// page; owned by the queue's worker thread (`vring`), nothing here is shared with other queues.
 #[derive(Debug)]
-pub struct Worker {
+pub struct RequestHandler {
     parser: Parser,
     exec: Exec,
     log: RateLimitedLog,
@@ -145,7 +151,7 @@ pub struct Worker {
 /// borrows the parser's segment lists) can run.
 #[derive(Debug)]
 struct Exec {
-    served: Arc<Served>,
+    served: Arc<BlkDevice>,
     queue: usize,
     disk: Disk,
     /// Made on first use: a frontend often enables fewer queues than the device offers.
@@ -157,13 +163,13 @@ struct Exec {
     written: u64,
 }
 
-impl Worker {
-    pub fn new(served: Arc<Served>, queue: usize, blk: BlkGeometry) -> Worker {
+impl RequestHandler {
+    pub fn new(served: Arc<BlkDevice>, queue: usize, blk: ConfigSpace) -> RequestHandler {
         let disk = Disk {
             size: blk.size,
             readonly: served.readonly,
         };
-        Worker {
+        RequestHandler {
             parser: Parser::new(),
             exec: Exec {
                 served,
@@ -185,16 +191,16 @@ impl Worker {
     {
         let exec = &mut self.exec;
         let mem = chain.memory();
-        QueueCounters::add(&exec.counters().requests, 1);
+        RequestCounters::add(&exec.counters().requests, 1);
         exec.written = 0;
-        let Parsed {
+        let ParsedChain {
             status: status_at,
             request,
         } = self.parser.parse(chain.clone(), mem, &exec.disk);
         let result = request.and_then(|req| {
             // Counted once the request passed its checks: a malformed read is no read.
             let c = exec.counters();
-            QueueCounters::add(
+            RequestCounters::add(
                 match req.kind {
                     Kind::Read { .. } => &c.reads,
                     Kind::Write { .. } => &c.writes,
@@ -226,9 +232,9 @@ impl Worker {
             Err(e) => {
                 let status = e.status();
                 if status == VIRTIO_BLK_S_UNSUPP as u8 {
-                    QueueCounters::add(&c.unsupported, 1);
+                    RequestCounters::add(&c.unsupported, 1);
                 } else {
-                    QueueCounters::add(&c.io_errors, 1);
+                    RequestCounters::add(&c.io_errors, 1);
                 }
                 let (name, queue) = (&exec.served.name, exec.queue);
                 self.log
@@ -248,7 +254,7 @@ impl Worker {
 }
 
 impl Exec {
-    fn counters(&self) -> &QueueCounters {
+    fn counters(&self) -> &RequestCounters {
         &self.served.queues[self.queue]
     }
 
@@ -258,11 +264,11 @@ impl Exec {
         match &req.kind {
             &Kind::Read { offset, len } => {
                 self.read(mem, offset, len, req.data)?;
-                QueueCounters::add(&self.counters().read_bytes, len);
+                RequestCounters::add(&self.counters().read_bytes, len);
             }
             &Kind::Write { offset, len } => {
                 self.write(mem, offset, len, req.data)?;
-                QueueCounters::add(&self.counters().write_bytes, len);
+                RequestCounters::add(&self.counters().write_bytes, len);
             }
             Kind::Flush => {}
             Kind::GetId => {
@@ -275,7 +281,7 @@ impl Exec {
             Kind::Discard(ranges) => {
                 for &(offset, len) in ranges.as_slice() {
                     self.served
-                        .device
+                        .zram
                         .discard(offset / PAGE_SIZE, len / PAGE_SIZE)?;
                 }
             }
@@ -297,7 +303,7 @@ impl Exec {
         len: u64,
         data: &[Seg],
     ) -> Result<(), Error> {
-        let dev = &self.served.device;
+        let dev = &self.served.zram;
         let stream = self.stream.get_or_insert_with(|| dev.new_stream());
         let mut cur = Cursor::default();
         let end = offset + len;
@@ -325,7 +331,7 @@ impl Exec {
         len: u64,
         data: &[Seg],
     ) -> Result<(), Error> {
-        let dev = &self.served.device;
+        let dev = &self.served.zram;
         let stream = self.stream.get_or_insert_with(|| dev.new_stream());
         let mut cur = Cursor::default();
         let end = offset + len;
@@ -347,7 +353,7 @@ impl Exec {
     /// Zeroes `len` bytes at `offset` (sector-aligned): the parts of partial pages through
     /// the store's read-modify-write, runs of whole pages freed.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Error> {
-        let dev = &self.served.device;
+        let dev = &self.served.zram;
         let stream = self.stream.get_or_insert_with(|| dev.new_stream());
         self.bounce.fill(0);
         let end = offset + len;

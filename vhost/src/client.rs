@@ -51,7 +51,7 @@ fn connect_hint(e: &io::Error) -> &'static str {
 
 /// Options every client subcommand takes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
-pub struct Connection {
+pub struct ControlArgs {
     /// The daemon's control socket [default: $VZRAM_CONTROL if set, else /run/vzram/vzram.ctl]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -60,7 +60,7 @@ pub struct Connection {
     pub timeout: Option<u64>,
 }
 
-impl Connection {
+impl ControlArgs {
     /// `--control`, else `$VZRAM_CONTROL`, else [`DEFAULT_CONTROL`].
     pub fn path(&self) -> PathBuf {
         self.control
@@ -94,7 +94,7 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        conn: Connection,
+        conn: ControlArgs,
     },
 
     /// Compact the pool now
@@ -154,7 +154,7 @@ pub struct Call<C: clap::Args> {
     #[command(flatten)]
     pub args: C,
     #[command(flatten)]
-    pub conn: Connection,
+    pub conn: ControlArgs,
 }
 
 /// How the client prints a command's reply.
@@ -395,7 +395,7 @@ mod tests {
         use clap::{CommandFactory, Subcommand};
         #[derive(Debug, Subcommand)]
         enum Command {
-            Serve(Box<crate::cli::ServeArgs>),
+            Serve(Box<crate::config::ServeArgs>),
             #[command(flatten)]
             Client(ClientCommand),
         }
@@ -506,7 +506,7 @@ mod tests {
 
     #[test]
     fn control_path_precedence() {
-        let explicit = Connection {
+        let explicit = ControlArgs {
             control: Some("/tmp/x.ctl".into()),
             timeout: None,
         };
@@ -516,7 +516,7 @@ mod tests {
         let want = std::env::var_os(CONTROL_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL));
-        assert_eq!(Connection::default().path(), want);
+        assert_eq!(ControlArgs::default().path(), want);
     }
 
     #[test]

@@ -24,10 +24,10 @@
 //! malformed, or one that expects an answer we cannot give (GET_VRING_BASE of no ring), ends
 //! the connection. Nothing here blocks on the frontend except the socket itself.
 
-use crate::blk::BlkGeometry;
+use crate::blk::ConfigSpace;
+use crate::device::BlkDevice;
 use crate::fault;
 use crate::ratelimit::RateLimitedLog;
-use crate::served::Served;
 use crate::vring::{VringShared, WorkerThread};
 use std::fs::File;
 use std::io;
@@ -104,8 +104,8 @@ pub fn virtio_features(readonly: bool) -> u64 {
 /// What the connection's queue workers share with it.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub served: Arc<Served>,
-    pub blk: BlkGeometry,
+    pub served: Arc<BlkDevice>,
+    pub blk: ConfigSpace,
     /// How long a worker watches its ring after a batch.
     pub poll: Duration,
     pub mem: GuestMemory,
@@ -234,8 +234,8 @@ fn notifier(file: File) -> VuResult<File> {
 
 impl Connection {
     pub fn new(
-        served: Arc<Served>,
-        blk: BlkGeometry,
+        served: Arc<BlkDevice>,
+        blk: ConfigSpace,
         poll: Duration,
         socket: UnixStream,
     ) -> io::Result<Connection> {
@@ -682,7 +682,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let Some(end) = end else {
             return Err(self.refuse("config read beyond the config space"));
         };
-        let config = self.shared.blk.config_space();
+        let config = self.shared.blk.to_bytes();
         let mut out = vec![0u8; size as usize];
         for (i, b) in (offset as usize..end as usize).zip(out.iter_mut()) {
             *b = config.get(i).copied().unwrap_or(0);

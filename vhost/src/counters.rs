@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// writer; the padding keeps two workers' counters off one cache line.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-pub struct QueueCounters {
+pub struct RequestCounters {
     pub requests: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
@@ -23,9 +23,9 @@ pub struct QueueCounters {
     pub unsupported: AtomicU64,
 }
 
-/// A snapshot of [`QueueCounters`].
+/// A snapshot of [`RequestCounters`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct QueueStats {
+pub struct RequestStats {
     pub requests: u64,
     pub reads: u64,
     pub writes: u64,
@@ -39,15 +39,15 @@ pub struct QueueStats {
     pub unsupported: u64,
 }
 
-impl QueueCounters {
+impl RequestCounters {
     /// Adds `n` to one counter (one writer per queue: a plain load + store would do, but
     /// `fetch_add` keeps the counters exact if two threads ever share a queue).
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 
-    pub fn snapshot(&self) -> QueueStats {
-        QueueStats {
+    pub fn snapshot(&self) -> RequestStats {
+        RequestStats {
             requests: self.requests.load(Relaxed),
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),

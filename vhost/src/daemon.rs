@@ -9,10 +9,10 @@
 //! vanishes; its workers finish the request they serve and exit, and every fd and mapping of
 //! the connection is released before the next connection is accepted.
 
-use crate::blk::BlkGeometry;
+use crate::blk::ConfigSpace;
 use crate::connection::Connection;
+use crate::device::BlkDevice;
 use crate::ratelimit::RateLimitedLog;
-use crate::served::Served;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -40,7 +40,6 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// A device being served: the thread that accepts connections one at a time.
 #[derive(Debug)]
 pub struct DeviceServer {
-    served: Arc<Served>,
     stop: Arc<Stop>,
     thread: Option<JoinHandle<()>>,
 }
@@ -57,13 +56,14 @@ impl DeviceServer {
     /// Serves the device on `listener` (bound by the caller, see [`crate::sockets`]).
     /// `poll`: how long a queue worker watches its ring for more requests before it sleeps.
     pub fn start(
-        served: Arc<Served>,
+        served: Arc<BlkDevice>,
         listener: UnixListener,
-        blk: BlkGeometry,
+        blk: ConfigSpace,
         poll: Duration,
     ) -> Result<DeviceServer, DaemonError> {
+        let path = served.socket.clone();
         let setup = |source| DaemonError::Setup {
-            path: served.socket.clone(),
+            path: path.clone(),
             source,
         };
         crate::fault::install().map_err(setup)?;
@@ -74,21 +74,16 @@ impl DeviceServer {
             current: Mutex::new(None),
         });
         let thread = {
-            let (served, stop) = (served.clone(), stop.clone());
+            let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("{}-accept", served.name))
                 .spawn(move || accept_loop(&listener, &served, &blk, poll, &stop))
                 .map_err(setup)?
         };
         Ok(DeviceServer {
-            served,
             stop,
             thread: Some(thread),
         })
-    }
-
-    pub fn served(&self) -> &Arc<Served> {
-        &self.served
     }
 
     /// Stops accepting, cuts off the connected frontend (its workers finish the requests they
@@ -139,8 +134,8 @@ fn wait(listener: Option<&UnixListener>, stop: &Stop, timeout: i32) -> bool {
 
 fn accept_loop(
     listener: &UnixListener,
-    served: &Arc<Served>,
-    blk: &BlkGeometry,
+    served: &Arc<BlkDevice>,
+    blk: &ConfigSpace,
     poll: Duration,
     stop: &Stop,
 ) {
@@ -198,8 +193,8 @@ fn accept_loop(
 /// Runs one connection until it ends; everything it holds is released when this returns.
 fn serve_connection(
     stream: UnixStream,
-    served: &Arc<Served>,
-    blk: &BlkGeometry,
+    served: &Arc<BlkDevice>,
+    blk: &ConfigSpace,
     poll: Duration,
     stop: &Stop,
 ) -> Result<(), String> {

@@ -1,36 +1,63 @@
 //! vzram: a vhost-user-blk daemon that serves compressed-RAM swap disks to virtual machines.
 //!
-//! The store (`zram`) outlives vhost-user connections; this crate adds the vhost-user side,
-//! virtio-blk requests, the daemon's lifecycle and its control plane. Read it in this order:
+//! The store (the `zram` crate: a [`zram::Store`] and one [`zram::Device`] per disk) is the
+//! daemon's only interface to storage and outlives vhost-user connections. This crate adds the
+//! vhost-user side, virtio-blk requests, the daemon's lifecycle and its control plane.
 //!
-//! 1. `main.rs`: `vzram serve` builds the store and devices from the arguments ([`cli`]),
-//!    claims every socket ([`sockets`]), starts the control plane ([`control`]) and one
-//!    [`daemon::DeviceServer`] per device; the other subcommands are the client ([`client`]).
-//! 2. [`daemon`]: a device's accept loop, one connection at a time.
-//! 3. `connection`: one vhost-user connection. The vhost crate frames the frontend's
-//!    messages; each is checked here and applied to the connection's guest memory and
-//!    virtqueues. `fault` keeps a frontend that truncates guest memory from crashing us.
-//! 4. `vring`: a virtqueue's worker thread pops chains and completes them in order.
-//! 5. `request`: a chain becomes a typed request, every check made; [`blk`] runs it against
-//!    the `zram::Device` ([`served::Served`] is the device as the daemon serves it) and
-//!    writes the status.
+//! # The way a request travels
 //!
-//! A request thus travels socket → kick eventfd → `vring` worker → `request::Parser` →
-//! `blk::Worker` → `zram::Device::{read_page, write_page, ...}` → used ring → call eventfd.
-//! What a frontend can and cannot do to the daemon is in docs/daemon.md.
+//! ```text
+//! main.rs ─ vzram serve: config::Config ─build─▶ zram::Store + one BlkDevice per disk
+//!    │                   sockets (claim), control::Server (start)
+//!    └─▶ daemon::DeviceServer      one per device: accepts a frontend, one at a time
+//!          └─▶ connection          one vhost-user connection: messages checked, then applied
+//!                │                 to its guest memory and virtqueues (fault: SIGBUS guard)
+//!                └─▶ vring         one worker thread per queue: kick ─▶ pop chain ─▶ used ring
+//!                      └─▶ blk::RequestHandler::process(chain)
+//!                            ├─▶ request::Parser   chain ─▶ typed Request, every check made
+//!                            └─▶ blk (execute)     ─▶ zram::Device::{read_page, write_page,
+//!                                                     discard, write_zeroes} ─▶ status byte
+//! ```
+//!
+//! Where to change what:
+//!
+//! | to change | read |
+//! |---|---|
+//! | a `vzram serve` flag or `--device` key, a default, start-up checks | [`config`], then `main.rs` |
+//! | what the device offers the guest (features, config space) | `connection` (`virtio_features`), [`ConfigSpace`] |
+//! | a vhost-user message | `connection` |
+//! | queue workers, polling, notification | `vring` |
+//! | what makes a chain valid, a new request type | `request` (parse), `blk` (execute) |
+//! | per-queue request counters | `counters` ([`RequestCounters`]), shown by `stat` |
+//! | the served device (name, socket, serial) | `device` ([`BlkDevice`]) |
+//! | a control command | [`control::proto`] (one type per command) and [`client`] |
+//! | the `vzram stat` table | `table` |
+//! | systemd socket activation and readiness | [`systemd`] |
+//! | storage: pages, compression, limits, idle, recompression, writeback | the `zram` crate |
+//!
+//! Public are what `main.rs`, `vzram-bench` and the integration tests drive: the serve
+//! configuration, the client, the control plane, the socket claims, and the device server with
+//! what it needs. Everything else is this crate's own. What a frontend can and cannot do to the
+//! daemon is in docs/daemon.md.
 
-pub mod blk;
-pub mod cli;
 pub mod client;
-mod connection;
+pub mod config;
 pub mod control;
-pub mod counters;
-pub mod daemon;
+pub mod sockets;
+pub mod systemd;
+
+mod blk;
+mod connection;
+mod counters;
+mod daemon;
+mod device;
 mod fault;
 mod ratelimit;
 mod request;
-pub mod served;
-pub mod sockets;
-pub mod systemd;
 mod table;
 mod vring;
+
+pub use blk::{ConfigSpace, PAGE_SIZE, RequestHandler};
+pub use counters::{RequestCounters, RequestStats};
+pub use daemon::{DEFAULT_POLL, DaemonError, DeviceServer};
+pub use device::BlkDevice;

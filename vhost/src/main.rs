@@ -4,10 +4,10 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::sync::Arc;
-use vzram::cli::{Config, ServeArgs};
+use vzram::DeviceServer;
 use vzram::client::ClientCommand;
+use vzram::config::{Config, ServeArgs};
 use vzram::control::{self, Server};
-use vzram::daemon::DeviceServer;
 use vzram::sockets::{self, ClaimedSocket, PathLock};
 
 #[derive(Debug, Parser)]
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let cli: Cli = vzram::cli::parse_or_exit("vzram");
+    let cli: Cli = vzram::config::parse_or_exit("vzram");
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Client(cmd) => match vzram::client::run(cmd) {

@@ -85,7 +85,7 @@ pub struct Request<'a> {
 
 /// The outcome of parsing a chain.
 #[derive(Debug)]
-pub struct Parsed<'a> {
+pub struct ParsedChain<'a> {
     /// Where the status byte goes, if the chain has a writable byte in guest memory for it
     /// (also for a request that failed its checks).
     pub status: Option<GuestAddress>,
@@ -179,7 +179,7 @@ impl Parser {
 
     /// Parses the descriptors of one chain, as the chain's iterator yields them. Reads guest
     /// memory, writes none.
-    pub fn parse<I>(&mut self, descs: I, mem: &GuestMemoryMmap<()>, disk: &Disk) -> Parsed<'_>
+    pub fn parse<I>(&mut self, descs: I, mem: &GuestMemoryMmap<()>, disk: &Disk) -> ParsedChain<'_>
     where
         I: IntoIterator<Item = Descriptor>,
     {
@@ -188,7 +188,7 @@ impl Parser {
             Ok(()) => self.request(mem, disk),
             Err(e) => Err(e),
         };
-        Parsed { status, request }
+        ParsedChain { status, request }
     }
 
     /// Splits the chain into the readable and writable streams and takes the status byte off

@@ -128,14 +128,14 @@ pub fn render(stat: &StatReply) -> String {
         .devices
         .iter()
         .map(|d| {
-            let mm = &d.zram.mm_stat;
+            let mm = &d.mm_stat;
             vec![
                 d.name.clone(),
-                human_size(d.zram.disksize),
+                human_size(d.disksize),
                 human_size(mm.orig_data_size),
                 human_size(mm.compr_data_size),
                 human_size(mm.mem_used_total),
-                d.zram.comp_algorithm.clone(),
+                d.comp_algorithm.clone(),
                 d.streams.to_string(),
             ]
         })
@@ -185,8 +185,7 @@ fn device(out: &mut String, d: &DeviceStat) {
             .collect();
         writeln!(out, "  recompression: {}", algos.join(", ")).expect("writing to a String");
     }
-    let z = &d.zram;
-    let mm = &z.mm_stat;
+    let mm = &d.mm_stat;
     grid(
         out,
         "mm_stat",
@@ -202,7 +201,7 @@ fn device(out: &mut String, d: &DeviceStat) {
             ("huge_pages_since", mm.huge_pages_since),
         ],
     );
-    let io = &z.io_stat;
+    let io = &d.io_stat;
     grid(
         out,
         "io_stat",
@@ -213,7 +212,7 @@ fn device(out: &mut String, d: &DeviceStat) {
             ("notify_free", io.notify_free),
         ],
     );
-    let bd = &z.bd_stat;
+    let bd = &d.bd_stat;
     grid(
         out,
         "bd_stat",
@@ -298,7 +297,7 @@ fn store(out: &mut String, s: &StoreStat, devices: usize) {
 mod tests {
     use super::*;
     use crate::control::proto::RecompAlgorithm;
-    use crate::counters::QueueStats;
+    use crate::counters::RequestStats;
 
     #[test]
     fn sizes_like_zramctl() {
@@ -324,16 +323,16 @@ mod tests {
     }
 
     fn device(name: &str, data: u64) -> DeviceStat {
-        let mut zram = zram::Stats {
+        DeviceStat {
             disksize: 4 << 30,
             comp_algorithm: "lz4".into(),
-            ..Default::default()
-        };
-        zram.mm_stat.orig_data_size = data;
-        zram.mm_stat.compr_data_size = data / 3;
-        zram.mm_stat.mem_used_total = 427417600;
-        zram.mm_stat.huge_pages = 8047;
-        DeviceStat {
+            mm_stat: zram::MmStat {
+                orig_data_size: data,
+                compr_data_size: data / 3,
+                mem_used_total: 427417600,
+                huge_pages: 8047,
+                ..Default::default()
+            },
             name: name.into(),
             socket: format!("/run/vzram/{name}.sock"),
             connected: true,
@@ -344,17 +343,17 @@ mod tests {
                 priority: 1,
                 algorithm: "zstd:9".into(),
             }],
-            zram,
             queues: vec![
-                QueueStats {
+                RequestStats {
                     requests: 1234,
                     reads: 600,
                     writes: 634,
                     read_bytes: 600 * 4096,
                     ..Default::default()
                 },
-                QueueStats::default(),
+                RequestStats::default(),
             ],
+            ..Default::default()
         }
     }
 

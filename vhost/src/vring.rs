@@ -10,7 +10,7 @@
 //! Notifiers are the frontend's eventfds, made non-blocking: writing the call fd can fail
 //! (counter full) but never block, so a frontend cannot stall its worker through them.
 
-use crate::blk::Worker;
+use crate::blk::RequestHandler;
 use crate::connection::Shared;
 use parking_lot::Mutex;
 use std::fs::File;
@@ -127,7 +127,7 @@ impl Drop for WorkerThread {
 }
 
 fn run(vring: &VringShared, conn: &Shared) {
-    let mut worker = Worker::new(conn.served.clone(), vring.index, conn.blk.clone());
+    let mut worker = RequestHandler::new(conn.served.clone(), vring.index, conn.blk.clone());
     loop {
         // Keep the kick fd open while polling it, even if a message replaces it meanwhile
         // (the replacement wakes us through `wake`).
@@ -174,7 +174,7 @@ fn run(vring: &VringShared, conn: &Shared) {
 
 /// Serves every available chain, then re-arms notifications. False if the connection must
 /// end (its guest memory vanished).
-fn serve(vring: &VringShared, conn: &Shared, worker: &mut Worker) -> bool {
+fn serve(vring: &VringShared, conn: &Shared, worker: &mut RequestHandler) -> bool {
     let mem = conn.mem.memory();
     let name = &conn.served.name;
     let q = vring.index;

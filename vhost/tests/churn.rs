@@ -13,7 +13,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vufront::{F_PROTOCOL_FEATURES, F_VERSION_1, GuestMem, Queue};
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vufront::{GuestMem, Queue};
 
 const T: Duration = Duration::from_secs(2);
 const MIB: u64 = 1 << 20;
@@ -57,7 +59,7 @@ impl Frontend {
     /// and start queue 0, close.
     fn cycle(&self, sock: &Path) -> Result<(), String> {
         let r = Raw::connect(sock, T).map_err(|e| format!("connect: {e}"))?;
-        r.negotiate(F_VERSION_1 | F_PROTOCOL_FEATURES)?;
+        r.negotiate((1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())?;
         let o = r.mem_table(&raw::regions_of(&self.mem));
         if !o.is_ack() {
             return Err(format!("SET_MEM_TABLE: {}", o.describe()));

@@ -206,14 +206,14 @@ fn mode(p: &std::path::Path) -> u32 {
 
 /// Writes `byte` over the device's first page.
 fn write_page(socket: &std::path::Path, byte: u8) {
-    let mut dev = vufront::Device::connect(socket, &vufront::Options::default()).unwrap();
+    let mut dev = vufront::Frontend::connect(socket, &vufront::Options::default()).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     q.write(0, &[byte; 4096]).unwrap().check().unwrap();
 }
 
 /// The first byte of the device's first page.
 fn read_page(socket: &std::path::Path) -> u8 {
-    let mut dev = vufront::Device::connect(socket, &vufront::Options::default()).unwrap();
+    let mut dev = vufront::Frontend::connect(socket, &vufront::Options::default()).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     let c = q.read(0, 4096).unwrap().check().unwrap();
     assert!(c.data.iter().all(|b| *b == c.data[0]));

@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
-use vzram::client::{Call, Client, ClientCommand, ClientError, Connection, run_to};
+use vzram::BlkDevice;
+use vzram::client::{Call, Client, ClientCommand, ClientError, ControlArgs, run_to};
 use vzram::control::{
     Compact, ControlError, ControlHandle, Devices, Idle, MemLimit, PageType, Recompress,
     RecompressDevice, ResetMemUsedMax, Server, ServerConfig, Stat, StatReply, Writeback,
     WritebackLimit,
 };
-use vzram::served::Served;
-use zram::{Device, PAGE_SIZE, Store};
+use zram::{PAGE_SIZE, Store};
 
 /// What a client command prints.
 fn printed(cmd: ClientCommand) -> String {
@@ -73,7 +73,7 @@ fn dev(name: &'static str) -> DevSpec {
 
 struct Fixture {
     store: Arc<Store>,
-    served: Vec<Arc<Served>>,
+    served: Vec<Arc<BlkDevice>>,
     handle: Option<ControlHandle>,
     socket: PathBuf,
     dir: TempDir,
@@ -104,7 +104,7 @@ impl Fixture {
                     zcomp::Comp::parse("lz4", &[])
                 }
                 .unwrap();
-                let device = Device::new(
+                let device = zram::Device::new(
                     store.clone(),
                     Arc::new(comp),
                     zram::Config {
@@ -113,7 +113,7 @@ impl Fixture {
                     },
                 )
                 .unwrap();
-                Served::new(
+                BlkDevice::new(
                     d.name.into(),
                     dir.0.join(format!("{}.sock", d.name)),
                     Arc::new(device),
@@ -150,16 +150,16 @@ impl Fixture {
         );
     }
 
-    fn device(&self, i: usize) -> &Device {
-        &self.served[i].device
+    fn device(&self, i: usize) -> &zram::Device {
+        &self.served[i].zram
     }
 
     fn client(&self) -> Client {
         Client::connect(&self.socket, TIMEOUT_SECS).unwrap()
     }
 
-    fn conn(&self) -> Connection {
-        Connection {
+    fn conn(&self) -> ControlArgs {
+        ControlArgs {
             control: Some(self.socket.clone()),
             timeout: Some(TIMEOUT_SECS),
         }
@@ -212,7 +212,7 @@ fn error_of(v: &Value) -> &str {
 }
 
 /// Writes pages `range` of `kind`.
-fn fill(dev: &Device, range: std::ops::Range<u64>, kind: PageKind) {
+fn fill(dev: &zram::Device, range: std::ops::Range<u64>, kind: PageKind) {
     let mut stream = dev.new_stream();
     let mut page = [0u8; PAGE_SIZE];
     for i in range {
@@ -221,7 +221,7 @@ fn fill(dev: &Device, range: std::ops::Range<u64>, kind: PageKind) {
     }
 }
 
-fn check_page(dev: &Device, i: u64, kind: PageKind) {
+fn check_page(dev: &zram::Device, i: u64, kind: PageKind) {
     let mut stream = dev.new_stream();
     let mut want = [0u8; PAGE_SIZE];
     let mut got = [0u8; PAGE_SIZE];
@@ -255,6 +255,7 @@ fn stat_matches_the_devices() {
     fill(f.device(1), 0..50, PageKind::Text);
     f.served[1].queues[3].requests.store(5, Relaxed);
     f.served[1].queues[3].write_bytes.store(5 * 4096, Relaxed);
+    f.served[1].queues[0].write_bytes.store(4096, Relaxed);
     f.served[1].connected.store(true, Relaxed);
     f.served[1].connections.store(2, Relaxed);
     f.store.set_mem_limit(64 << 20);
@@ -265,19 +266,22 @@ fn stat_matches_the_devices() {
         assert_eq!(d.name, s.name);
         assert_eq!(d.socket, s.socket.display().to_string());
         assert_eq!(d.streams, s.queues.len());
-        assert_eq!(d.zram, s.device.stats(), "{}", d.name);
+        let z = s.zram.stats();
+        assert_eq!(
+            (&d.mm_stat, &d.io_stat, &d.bd_stat),
+            (&z.mm_stat, &z.io_stat, &z.bd_stat),
+            "{}",
+            d.name
+        );
         let queues: Vec<_> = s.queues.iter().map(|q| q.snapshot()).collect();
         assert_eq!(d.queues, queues);
     }
     let (d0, d1) = (&stat.devices[0], &stat.devices[1]);
-    assert_eq!(d0.zram.disksize, 4096 * 4096);
-    assert_eq!(d0.zram.comp_algorithm, "lz4");
-    assert_eq!(d0.zram.mm_stat.orig_data_size, 330 * 4096);
-    assert_eq!(d0.zram.mm_stat.same_pages, 20);
-    assert!(
-        d0.zram.mm_stat.huge_pages >= 10,
-        "the random pages are huge"
-    );
+    assert_eq!(d0.disksize, 4096 * 4096);
+    assert_eq!(d0.comp_algorithm, "lz4");
+    assert_eq!(d0.mm_stat.orig_data_size, 330 * 4096);
+    assert_eq!(d0.mm_stat.same_pages, 20);
+    assert!(d0.mm_stat.huge_pages >= 10, "the random pages are huge");
     assert_eq!(d0.recomp_algorithms.len(), 1);
     assert_eq!(d0.recomp_algorithms[0].algorithm, "zstd:9");
     assert_eq!(d0.recomp_algorithms[0].priority, 1);
@@ -287,6 +291,8 @@ fn stat_matches_the_devices() {
     assert_eq!(d1.connections, 2);
     assert_eq!(d1.streams, 4);
     assert_eq!(d1.queues[3].requests, 5);
+    // The device's I/O totals are its queues' (zram does not count requests).
+    assert_eq!((d1.write_bytes, d1.writes), (6 * 4096, 0));
     assert_eq!(stat.store.mem_limit, 64 << 20);
     assert_eq!(stat.store.mem_used_total, f.store.mem_used_total());
     assert_eq!(stat.store.mem_used_max, f.store.mem_used_max());
@@ -304,7 +310,7 @@ fn stat_matches_the_devices() {
     assert!(text.starts_with("NAME"), "{text}");
     assert!(text.contains("\nvz0 "), "{text}");
     assert!(
-        text.contains(&d0.zram.mm_stat.orig_data_size.to_string()),
+        text.contains(&d0.mm_stat.orig_data_size.to_string()),
         "{text}"
     );
     assert!(
@@ -317,7 +323,7 @@ fn stat_matches_the_devices() {
         conn: f.conn(),
     });
     let parsed: StatReply = serde_json::from_str(&out).unwrap();
-    assert_eq!(parsed.devices[0].zram, f.device(0).stats());
+    assert_eq!(parsed.devices[0].mm_stat, f.device(0).stats().mm_stat);
     // zram's field names in the JSON, at the device's top level.
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["devices"][0]["mm_stat"]["same_pages"], 20);
@@ -881,7 +887,7 @@ fn unreachable_socket_is_a_clear_error() {
     let e = run_to(
         ClientCommand::Compact(Call {
             args: Compact {},
-            conn: Connection {
+            conn: ControlArgs {
                 control: Some(path.clone()),
                 timeout: None,
             },

@@ -38,16 +38,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vufront::{
-    BLK_T_OUT, Desc, Device, F_PROTOCOL_FEATURES, F_VERSION_1, GuestBuf, GuestMem, Options, Queue,
-    RegionSpec, Request,
-};
+use vufront::{Desc, Frontend, GuestBuf, GuestMem, Options, Queue, RegionSpec, Request};
 
 /// How long a reply may take.
 const T: Duration = Duration::from_secs(2);
 /// Features a raw session acknowledges (no EVENT_IDX: every completion signals the call fd).
-const FEATURES: u64 = F_VERSION_1 | F_PROTOCOL_FEATURES;
+const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const MIB: u64 = 1 << 20;
 /// Queues each device offers.
 const QUEUES: u32 = 2;
@@ -180,7 +180,7 @@ fn raw_write(
     let e = |e: vufront::Error| e.to_string();
     let hdr = mem.alloc(16, 16).map_err(e)?;
     let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&BLK_T_OUT.to_le_bytes());
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
     hdr.write_at(0, &h).map_err(e)?;
     let status = mem.alloc(1, 1).map_err(e)?;
@@ -1073,7 +1073,7 @@ fn b_frontend(sock: PathBuf, stop: Arc<AtomicBool>, stats: Arc<BStats>) {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let began = stats.label.lock().unwrap().clone();
-        let mut dev = match Device::connect(&sock, &opts) {
+        let mut dev = match Frontend::connect(&sock, &opts) {
             Ok(d) => d,
             Err(e) => {
                 miss(&began, format!("connect: {e}"));

@@ -5,9 +5,9 @@ mod common;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use vufront::{Device, Options};
-use vzram::blk::BlkGeometry;
-use vzram::daemon::{DEFAULT_POLL, DeviceServer};
+use vufront::{Frontend, Options};
+use vzram::ConfigSpace;
+use vzram::{DEFAULT_POLL, DeviceServer};
 
 /// Queue worker threads of device `vz0` ("vz0-q0", "vz0-q1", ...).
 fn workers() -> usize {
@@ -33,7 +33,7 @@ fn connections_come_and_go_without_leaking_threads() {
     let socket = dir.join("vz0.sock");
     let size = 16 << 20;
     let served = common::served(size, socket.clone(), 4, false, 0);
-    let blk = BlkGeometry {
+    let blk = ConfigSpace {
         size,
         blk_size: 4096,
         num_queues: 4,
@@ -44,7 +44,7 @@ fn connections_come_and_go_without_leaking_threads() {
     // Workers are started with their queue: an idle device has none.
     assert_eq!(workers(), 0);
     for round in 0..5u64 {
-        let mut dev = Device::connect(
+        let mut dev = Frontend::connect(
             &socket,
             &Options {
                 num_queues: 2,
@@ -74,7 +74,7 @@ fn connections_come_and_go_without_leaking_threads() {
         wait_until("the old workers to end", || workers() == 0);
     }
     // A connected frontend is cut off by stop, and its workers end with it.
-    let dev = Device::connect(
+    let dev = Frontend::connect(
         &socket,
         &Options {
             queue_size: 128,

@@ -15,8 +15,8 @@ use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vzram::blk::{BlkGeometry, Worker};
-use vzram::served::Served;
+use vzram::BlkDevice;
+use vzram::{ConfigSpace, RequestHandler};
 
 const QUEUE_SIZE: u16 = 16;
 /// Guest memory: two regions with an unmapped hole between them.
@@ -35,8 +35,8 @@ const N: u16 = VRING_DESC_F_NEXT as u16;
 
 struct Rig {
     mem: GuestMemoryMmap<()>,
-    served: Arc<Served>,
-    worker: Worker,
+    served: Arc<BlkDevice>,
+    worker: RequestHandler,
 }
 
 fn rig_with(readonly: bool, blk_size: u32) -> Rig {
@@ -46,13 +46,13 @@ fn rig_with(readonly: bool, blk_size: u32) -> Rig {
     ])
     .unwrap();
     let served = common::served(DISK, "/nonexistent".into(), 2, readonly, 0);
-    let blk = BlkGeometry {
+    let blk = ConfigSpace {
         size: DISK,
         blk_size,
         num_queues: 2,
         queue_size: QUEUE_SIZE,
     };
-    let worker = Worker::new(served.clone(), 0, blk);
+    let worker = RequestHandler::new(served.clone(), 0, blk);
     Rig {
         mem,
         served,
@@ -163,7 +163,7 @@ impl Rig {
             .0
     }
 
-    fn counters(&self) -> vzram::counters::QueueStats {
+    fn counters(&self) -> vzram::RequestStats {
         self.served.queues[0].snapshot()
     }
 }
@@ -179,7 +179,7 @@ fn page_write_then_read_round_trips() {
     let c = r.counters();
     assert_eq!((c.requests, c.reads, c.writes), (3, 2, 1));
     assert_eq!((c.read_bytes, c.write_bytes), (8192, 4096));
-    assert_eq!(r.served.device.stats().mm_stat.orig_data_size, 4096);
+    assert_eq!(r.served.zram.stats().mm_stat.orig_data_size, 4096);
 }
 
 #[test]
@@ -253,12 +253,12 @@ fn discard_frees_pages_and_reads_zeroes() {
     for i in 0..8 {
         assert_eq!(r.write(i * 8, &page(i as u8)), OK);
     }
-    assert_eq!(r.served.device.stats().mm_stat.orig_data_size, 8 * 4096);
+    assert_eq!(r.served.zram.stats().mm_stat.orig_data_size, 8 * 4096);
     assert_eq!(
         r.discard_like(VIRTIO_BLK_T_DISCARD, &[(8, 16, 0), (48, 8, 0)]),
         OK
     );
-    assert_eq!(r.served.device.stats().mm_stat.orig_data_size, 5 * 4096);
+    assert_eq!(r.served.zram.stats().mm_stat.orig_data_size, 5 * 4096);
     assert_eq!(r.read(8, 8192), (OK, vec![0; 8192]));
     assert_eq!(r.read(0, 4096), (OK, page(0)));
     assert_eq!(r.counters().discards, 1);
@@ -566,7 +566,7 @@ fn indirect_tables_good_bad_and_nested() {
 #[test]
 fn memory_limit_fails_only_the_write() {
     let mut r = rig();
-    let store = r.served.device.store().clone();
+    let store = r.served.zram.store().clone();
     assert_eq!(r.write(0, &page(1)), OK);
     store.set_mem_limit(store.mem_used_total().max(4096));
     // Incompressible pages until the pool is full.
@@ -588,7 +588,7 @@ fn memory_limit_fails_only_the_write() {
         (OK, vec![0; 4096]),
         "the failed write left nothing"
     );
-    assert_eq!(r.served.device.stats().io_stat.failed_writes, 1);
+    assert_eq!(r.served.zram.stats().io_stat.failed_writes, 1);
 }
 
 /// Bytes the device may write: the writable descriptors of the table (and the rings).

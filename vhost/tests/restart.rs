@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vufront::{Device, Options, Request, Segment};
+use vufront::{Frontend, Options, Request, Segment};
 
 const PAGES: u64 = 1024;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,14 +32,14 @@ fn content(p: u64, v: u64) -> Vec<u8> {
     b
 }
 
-fn connect(sock: &Path) -> Device {
+fn connect(sock: &Path) -> Frontend {
     let opts = Options {
         mem_size: 4 << 20,
         connect_timeout: TIMEOUT,
         reply_timeout: Some(TIMEOUT),
         ..Options::default()
     };
-    Device::connect(sock, &opts).expect("connect")
+    Frontend::connect(sock, &opts).expect("connect")
 }
 
 fn args(dir: &Path) -> Vec<String> {

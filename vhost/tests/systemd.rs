@@ -16,7 +16,7 @@ use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vufront::{Device, Options, Request};
+use vufront::{Frontend, Options, Request};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vzram");
 const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/systemd");
@@ -91,24 +91,24 @@ fn next_state(n: &UnixDatagram) -> String {
 }
 
 /// A frontend that waits (up to 20 s) for a daemon that is still starting.
-fn connect(sock: &Path) -> Device {
+fn connect(sock: &Path) -> Frontend {
     let opts = Options {
         mem_size: 1 << 20,
         connect_timeout: Duration::from_secs(20),
         reply_timeout: Some(Duration::from_secs(20)),
         ..Options::default()
     };
-    Device::connect(sock, &opts).expect("connect")
+    Frontend::connect(sock, &opts).expect("connect")
 }
 
-fn write(dev: &mut Device, byte: u8) {
+fn write(dev: &mut Frontend, byte: u8) {
     let mut q = dev.take_queue(0).unwrap();
     q.execute(&Request::write(0, &[byte; 4096]), Duration::from_secs(10))
         .and_then(|c| c.check())
         .expect("write");
 }
 
-fn read(dev: &mut Device) -> u8 {
+fn read(dev: &mut Frontend) -> u8 {
     let mut q = dev.take_queue(0).unwrap();
     let c = q
         .execute(&Request::read(0, 4096), Duration::from_secs(10))

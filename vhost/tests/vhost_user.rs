@@ -7,20 +7,28 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use vufront::{
-    BLK_S_IOERR, BLK_S_OK, BLK_S_UNSUPP, BLK_T_IN, BLK_T_OUT, Desc, Device, GuestMem, Options,
-    Queue, RegionSpec, Request, Segment,
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use vzram::blk::BlkGeometry;
-use vzram::daemon::DeviceServer;
-use vzram::served::Served;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT,
+};
+use vufront::{Desc, Frontend, GuestMem, Options, Queue, RegionSpec, Request, Segment};
+use vzram::BlkDevice;
+use vzram::ConfigSpace;
+use vzram::DeviceServer;
 
 const DISK: u64 = 64 << 20;
 const T: Duration = Duration::from_secs(10);
 
 struct Daemon {
     server: Option<DeviceServer>,
-    served: Arc<Served>,
+    served: Arc<BlkDevice>,
     socket: PathBuf,
     _dir: TempDir,
 }
@@ -48,15 +56,14 @@ fn daemon_with(num_queues: u16, readonly: bool, mem_limit: u64) -> Daemon {
     let dir = temp_dir();
     let socket = dir.0.join("vz0.sock");
     let served = common::served(DISK, socket.clone(), num_queues, readonly, mem_limit);
-    let blk = BlkGeometry {
+    let blk = ConfigSpace {
         size: DISK,
         blk_size: 4096,
         num_queues,
         queue_size: 256,
     };
     let listener = std::os::unix::net::UnixListener::bind(&served.socket).unwrap();
-    let server =
-        DeviceServer::start(served.clone(), listener, blk, vzram::daemon::DEFAULT_POLL).unwrap();
+    let server = DeviceServer::start(served.clone(), listener, blk, vzram::DEFAULT_POLL).unwrap();
     Daemon {
         server: Some(server),
         served,
@@ -94,25 +101,28 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn features_protocol_and_config() {
     let d = daemon_with(4, false, 0);
-    let dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let offered = dev.offered_features();
     for (bit, name) in [
-        (vufront::F_VERSION_1, "VERSION_1"),
-        (vufront::F_EVENT_IDX, "EVENT_IDX"),
-        (vufront::F_INDIRECT_DESC, "INDIRECT_DESC"),
-        (vufront::BLK_F_SEG_MAX, "SEG_MAX"),
-        (vufront::BLK_F_SIZE_MAX, "SIZE_MAX"),
-        (vufront::BLK_F_BLK_SIZE, "BLK_SIZE"),
-        (vufront::BLK_F_TOPOLOGY, "TOPOLOGY"),
-        (vufront::BLK_F_FLUSH, "FLUSH"),
-        (vufront::BLK_F_MQ, "MQ"),
-        (vufront::BLK_F_DISCARD, "DISCARD"),
-        (vufront::BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
-        (vufront::F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
+        ((1 << VIRTIO_F_VERSION_1), "VERSION_1"),
+        ((1 << VIRTIO_RING_F_EVENT_IDX), "EVENT_IDX"),
+        ((1 << VIRTIO_RING_F_INDIRECT_DESC), "INDIRECT_DESC"),
+        ((1 << VIRTIO_BLK_F_SEG_MAX), "SEG_MAX"),
+        ((1 << VIRTIO_BLK_F_SIZE_MAX), "SIZE_MAX"),
+        ((1 << VIRTIO_BLK_F_BLK_SIZE), "BLK_SIZE"),
+        ((1 << VIRTIO_BLK_F_TOPOLOGY), "TOPOLOGY"),
+        ((1 << VIRTIO_BLK_F_FLUSH), "FLUSH"),
+        ((1 << VIRTIO_BLK_F_MQ), "MQ"),
+        ((1 << VIRTIO_BLK_F_DISCARD), "DISCARD"),
+        ((1 << VIRTIO_BLK_F_WRITE_ZEROES), "WRITE_ZEROES"),
+        (
+            VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            "PROTOCOL_FEATURES",
+        ),
     ] {
         assert!(offered & bit != 0, "{name} not offered");
     }
-    assert_eq!(offered & vufront::BLK_F_RO, 0);
+    assert_eq!(offered & (1 << VIRTIO_BLK_F_RO), 0);
     // MQ, REPLY_ACK, CONFIG, RESET_DEVICE, CONFIGURE_MEM_SLOTS; never INFLIGHT_SHMFD or STATUS.
     assert_eq!(
         dev.offered_protocol_features(),
@@ -133,15 +143,15 @@ fn features_protocol_and_config() {
     assert!(c.max_discard_sectors >= 1 << 20 && c.max_discard_sectors % 8 == 0);
     // A read-only device says so.
     let ro = daemon_with(1, true, 0);
-    let dev = Device::connect(&ro.socket, &opts(1)).unwrap();
-    assert!(dev.offered_features() & vufront::BLK_F_RO != 0);
+    let dev = Frontend::connect(&ro.socket, &opts(1)).unwrap();
+    assert!(dev.offered_features() & (1 << VIRTIO_BLK_F_RO) != 0);
 }
 
 #[test]
 fn write_on_one_queue_read_on_another() {
     for event_idx in [true, false] {
         let d = daemon();
-        let mut dev = Device::connect(
+        let mut dev = Frontend::connect(
             &d.socket,
             &Options {
                 event_idx,
@@ -165,7 +175,7 @@ fn write_on_one_queue_read_on_another() {
         q0.execute(&req, T).unwrap().check().unwrap();
         let c = q1.read(4096, big.len() as u32).unwrap().check().unwrap();
         assert!(c.data == big);
-        let stats = d.served.device.stats();
+        let stats = d.served.zram.stats();
         assert_eq!(stats.mm_stat.orig_data_size, (64 + 256) * 4096);
         let q = [d.served.queues[0].snapshot(), d.served.queues[1].snapshot()];
         assert_eq!((q[0].writes, q[1].reads), (65, 65));
@@ -175,7 +185,7 @@ fn write_on_one_queue_read_on_another() {
 #[test]
 fn all_queues_in_parallel_with_deep_queues() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(4)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(4)).unwrap();
     let queues = dev.take_queues();
     std::thread::scope(|s| {
         for mut q in queues {
@@ -223,13 +233,13 @@ fn all_queues_in_parallel_with_deep_queues() {
 #[test]
 fn discard_gives_memory_back() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     for i in 0..512 {
         q.write(i * 8, &page(i)).unwrap().check().unwrap();
     }
-    let store = d.served.device.store().clone();
-    let full = d.served.device.stats().mm_stat;
+    let store = d.served.zram.store().clone();
+    let full = d.served.zram.stats().mm_stat;
     assert_eq!(full.orig_data_size, 512 * 4096);
     assert!(full.mem_used_total > 0);
     let segs = [
@@ -245,7 +255,7 @@ fn discard_gives_memory_back() {
         },
     ];
     q.discard(&segs).unwrap().check().unwrap();
-    let after = d.served.device.stats().mm_stat;
+    let after = d.served.zram.stats().mm_stat;
     assert_eq!(after.orig_data_size, 0);
     assert_eq!(after.compr_data_size, 0);
     store.compact();
@@ -264,13 +274,13 @@ fn discard_gives_memory_back() {
             flags: 4,
         }])
         .unwrap();
-    assert_eq!(c.status, BLK_S_UNSUPP);
+    assert_eq!(c.status, VIRTIO_BLK_S_UNSUPP as u8);
 }
 
 #[test]
 fn memory_limit_fails_writes_not_the_daemon() {
     let d = daemon_with(1, false, 1 << 20);
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     let mut rng = 0x1234_5678_9abc_def0u64;
     let mut failed = 0;
@@ -285,16 +295,16 @@ fn memory_limit_fails_writes_not_the_daemon() {
             })
             .collect();
         let c = q.write(i * 8, &data).unwrap();
-        if c.status == BLK_S_IOERR {
+        if c.status == VIRTIO_BLK_S_IOERR as u8 {
             failed += 1;
         } else {
-            assert_eq!(c.status, BLK_S_OK);
+            assert_eq!(c.status, VIRTIO_BLK_S_OK as u8);
         }
     }
     assert!(failed > 500, "only {failed} writes failed");
-    let store = d.served.device.store();
+    let store = d.served.zram.store();
     assert!(store.mem_used_total() <= 1 << 20);
-    assert_eq!(d.served.device.stats().io_stat.failed_writes, failed);
+    assert_eq!(d.served.zram.stats().io_stat.failed_writes, failed);
     // Still serving: reads work, and writes work again once memory is freed.
     q.read(0, 4096).unwrap().check().unwrap();
     q.discard(&[Segment {
@@ -324,7 +334,7 @@ fn malformed_chains_over_the_socket() {
         },
     ])
     .unwrap();
-    let mut dev = Device::connect_with_memory(&d.socket, &opts(1), mem.clone()).unwrap();
+    let mut dev = Frontend::connect_with_memory(&d.socket, &opts(1), mem.clone()).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     q.write(0, &page(5)).unwrap().check().unwrap();
     let hdr = |typ: u32, sector: u64| {
@@ -338,10 +348,10 @@ fn malformed_chains_over_the_socket() {
     let status = mem.alloc(1, 1).unwrap();
     let data = mem.alloc(4096, 4096).unwrap();
     let hole = 0x2000_0000u64;
-    let read_hdr = hdr(BLK_T_IN, 0);
+    let read_hdr = hdr(VIRTIO_BLK_T_IN, 0);
     let short_hdr = mem.alloc(8, 8).unwrap();
-    let overflow_hdr = hdr(BLK_T_IN, u64::MAX - 3);
-    let past_end_hdr = hdr(BLK_T_OUT, DISK / 512);
+    let overflow_hdr = hdr(VIRTIO_BLK_T_IN, u64::MAX - 3);
+    let past_end_hdr = hdr(VIRTIO_BLK_T_OUT, DISK / 512);
     type Case = (&'static str, Vec<Desc>, Option<u8>);
     let cases: Vec<Case> = vec![
         (
@@ -350,7 +360,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::readable(short_hdr.gpa(), 8).then(1),
                 Desc::writable(status.gpa(), 1),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
         (
             "status not writable",
@@ -367,7 +377,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::writable(hole, 4096).then(2),
                 Desc::writable(status.gpa(), 1),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
         (
             "sector overflow",
@@ -376,7 +386,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::writable(data.gpa(), 4096).then(2),
                 Desc::writable(status.gpa(), 1),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
         (
             "write past the end",
@@ -385,7 +395,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::readable(data.gpa(), 4096).then(2),
                 Desc::writable(status.gpa(), 1),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
         (
             "descriptor loop",
@@ -394,7 +404,7 @@ fn malformed_chains_over_the_socket() {
                 Desc::writable(data.gpa(), 512).then(2),
                 Desc::writable(status.gpa(), 1).then(0),
             ],
-            Some(BLK_S_IOERR),
+            Some(VIRTIO_BLK_S_IOERR as u8),
         ),
     ];
     for (name, descs, want) in cases {
@@ -402,7 +412,7 @@ fn malformed_chains_over_the_socket() {
         let ids = q.alloc_descs(descs.len()).unwrap();
         for (i, desc) in descs.iter().enumerate() {
             let mut desc = *desc;
-            if desc.flags & vufront::VIRTQ_DESC_F_NEXT != 0 {
+            if desc.flags & VRING_DESC_F_NEXT as u16 != 0 {
                 desc.next = ids[usize::from(desc.next)];
             }
             q.write_desc(ids[i], desc).unwrap();
@@ -430,7 +440,7 @@ fn malformed_chains_over_the_socket() {
 #[test]
 fn corrupt_avail_ring_stops_only_that_queue_until_reconnect() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(2)).unwrap();
     let mut q0 = dev.take_queue(0).unwrap();
     let mut q1 = dev.take_queue(1).unwrap();
     q0.write(0, &page(1)).unwrap().check().unwrap();
@@ -448,7 +458,7 @@ fn corrupt_avail_ring_stops_only_that_queue_until_reconnect() {
     }
     drop((q0, q1, dev));
     // A new connection serves queue 0 again, with the data.
-    let mut dev = Device::connect(&d.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(2)).unwrap();
     let mut q0 = dev.take_queue(0).unwrap();
     assert!(q0.read(0, 4096).unwrap().check().unwrap().data == page(1));
 }
@@ -457,7 +467,7 @@ fn corrupt_avail_ring_stops_only_that_queue_until_reconnect() {
 fn reconnect_keeps_the_data() {
     let d = daemon();
     {
-        let mut dev = Device::connect(&d.socket, &opts(2)).unwrap();
+        let mut dev = Frontend::connect(&d.socket, &opts(2)).unwrap();
         let mut q = dev.take_queue(1).unwrap();
         for i in 0..100 {
             q.write(i * 8, &page(i)).unwrap().check().unwrap();
@@ -467,7 +477,7 @@ fn reconnect_keeps_the_data() {
     wait_until("the daemon to see the hang-up", || {
         !d.served.connected.load(Ordering::Relaxed)
     });
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     for i in 0..100 {
         assert!(
@@ -486,7 +496,7 @@ fn reconnect_keeps_the_data() {
 #[test]
 fn a_started_ring_signals_the_guest_once() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let q = dev.take_queue(0).unwrap();
     let call = q.call_fd();
     let mut signalled = 0;
@@ -502,7 +512,7 @@ fn a_started_ring_signals_the_guest_once() {
 #[test]
 fn get_vring_base_waits_for_requests_in_flight() {
     let d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q: Queue = dev.take_queue(0).unwrap();
     for i in 0..32 {
         q.enqueue(&Request::write(i * 8, &page(i))).unwrap();
@@ -527,15 +537,18 @@ fn get_vring_base_waits_for_requests_in_flight() {
         assert!(more.iter().all(|c| c.ok()));
         total += more.len();
     }
-    assert_eq!(d.served.device.stats().mm_stat.orig_data_size, 32 * 4096);
+    assert_eq!(d.served.zram.stats().mm_stat.orig_data_size, 32 * 4096);
 }
 
 #[test]
 fn readonly_device_refuses_writes() {
     let d = daemon_with(1, true, 0);
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
-    assert_eq!(q.write(0, &page(1)).unwrap().status, BLK_S_IOERR);
+    assert_eq!(
+        q.write(0, &page(1)).unwrap().status,
+        VIRTIO_BLK_S_IOERR as u8
+    );
     assert!(q.read(0, 4096).unwrap().check().unwrap().data == vec![0; 4096]);
     let id = q.get_id().unwrap().check().unwrap();
     assert_eq!(&id.data[..10], b"vzram-test");
@@ -544,7 +557,7 @@ fn readonly_device_refuses_writes() {
 #[test]
 fn stop_cuts_off_the_frontend_and_leaves_the_socket() {
     let mut d = daemon();
-    let mut dev = Device::connect(&d.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&d.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     q.write(0, &page(7)).unwrap().check().unwrap();
     d.server.take().unwrap().stop();

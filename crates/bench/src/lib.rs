@@ -13,10 +13,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vufront::load::{self, Job, JobReport, LoadOptions, Target, TargetQueue, Verify};
-use vufront::{BLK_S_IOERR, BLK_S_OK, BLK_T_IN, BLK_T_OUT, Completion, Request};
-use vzram::blk::{BlkGeometry, PAGE_SIZE};
-use vzram::daemon::DeviceServer;
-use vzram::served::Served;
+use vufront::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use vufront::{Completion, Request};
+use vzram::BlkDevice;
+use vzram::DeviceServer;
+use vzram::{ConfigSpace, PAGE_SIZE};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -172,7 +173,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| BenchError::Setup(format!("{}: {e}", dir.display())))?;
     let socket = dir.join("bench.sock");
-    let served = Served::new(
+    let served = BlkDevice::new(
         "bench".into(),
         socket.clone(),
         device.clone(),
@@ -180,7 +181,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
         false,
         "vzram-bench".into(),
     );
-    let blk = BlkGeometry {
+    let blk = ConfigSpace {
         size: args.size,
         blk_size: PAGE_SIZE as u32,
         num_queues: args.num_queues,
@@ -382,7 +383,7 @@ pub struct StoreQueue {
     device: Arc<zram::Device>,
     stream: zcomp::Stream,
     next_tag: u64,
-    // Served, not yet reaped; (completion, its enqueue time).
+    // BlkDevice, not yet reaped; (completion, its enqueue time).
     done: Vec<(Completion, Instant)>,
 }
 
@@ -404,7 +405,7 @@ impl StoreQueue {
         let first = req.sector / sectors_per_page;
         let mut ok = true;
         match req.req_type {
-            BLK_T_OUT if aligned(req.out.len() as u64) => {
+            VIRTIO_BLK_T_OUT if aligned(req.out.len() as u64) => {
                 for (i, src) in req.out.chunks_exact(PAGE_SIZE as usize).enumerate() {
                     let src = src.try_into().expect("a page");
                     ok &= self
@@ -412,9 +413,16 @@ impl StoreQueue {
                         .write_page(first + i as u64, src, &mut self.stream)
                         .is_ok();
                 }
-                Ok((if ok { BLK_S_OK } else { BLK_S_IOERR }, Vec::new()))
+                Ok((
+                    if ok {
+                        VIRTIO_BLK_S_OK as u8
+                    } else {
+                        VIRTIO_BLK_S_IOERR as u8
+                    },
+                    Vec::new(),
+                ))
             }
-            BLK_T_IN if aligned(u64::from(req.in_len)) => {
+            VIRTIO_BLK_T_IN if aligned(u64::from(req.in_len)) => {
                 let mut data = vec![0u8; req.in_len as usize];
                 for (i, dst) in data.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
                     let dst = dst.try_into().expect("a page");
@@ -423,7 +431,14 @@ impl StoreQueue {
                         .read_page(first + i as u64, dst, &mut self.stream)
                         .is_ok();
                 }
-                Ok((if ok { BLK_S_OK } else { BLK_S_IOERR }, data))
+                Ok((
+                    if ok {
+                        VIRTIO_BLK_S_OK as u8
+                    } else {
+                        VIRTIO_BLK_S_IOERR as u8
+                    },
+                    data,
+                ))
             }
             t => Err(vufront::Error::Invalid(format!(
                 "the store serves reads and writes of whole pages, not type {t} at sector {}",

@@ -17,7 +17,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = vzram::cli::parse_or_exit("vzram-bench");
+    let cli: Cli = vzram::config::parse_or_exit("vzram-bench");
     let args = cli.args;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match vzram_bench::run(&args) {

@@ -6,6 +6,10 @@ use crate::queue::{ChainSeg, Queue, chain_desc};
 use crate::virtio::*;
 use crate::{Error, Result};
 use std::time::{Duration, Instant};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
 
 /// How a request's data is cut into descriptors.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -109,7 +113,7 @@ impl Request {
     pub fn read(sector: u64, len: u32) -> Request {
         Request {
             in_len: len,
-            ..Request::new(BLK_T_IN, sector)
+            ..Request::new(VIRTIO_BLK_T_IN, sector)
         }
     }
 
@@ -117,31 +121,31 @@ impl Request {
     pub fn write(sector: u64, data: &[u8]) -> Request {
         Request {
             out: data.to_vec(),
-            ..Request::new(BLK_T_OUT, sector)
+            ..Request::new(VIRTIO_BLK_T_OUT, sector)
         }
     }
 
     /// Flush.
     pub fn flush() -> Request {
-        Request::new(BLK_T_FLUSH, 0)
+        Request::new(VIRTIO_BLK_T_FLUSH, 0)
     }
 
     /// GET_ID (20 bytes of serial).
     pub fn get_id() -> Request {
         Request {
-            in_len: BLK_ID_BYTES as u32,
-            ..Request::new(BLK_T_GET_ID, 0)
+            in_len: VIRTIO_BLK_ID_BYTES as usize as u32,
+            ..Request::new(VIRTIO_BLK_T_GET_ID, 0)
         }
     }
 
     /// Discard `segs`.
     pub fn discard(segs: &[Segment]) -> Request {
-        Request::segments(BLK_T_DISCARD, segs)
+        Request::segments(VIRTIO_BLK_T_DISCARD, segs)
     }
 
     /// Write zeroes to `segs`.
     pub fn write_zeroes(segs: &[Segment]) -> Request {
-        Request::segments(BLK_T_WRITE_ZEROES, segs)
+        Request::segments(VIRTIO_BLK_T_WRITE_ZEROES, segs)
     }
 
     /// A segment-carrying request of any type.
@@ -188,7 +192,7 @@ pub struct Completion {
 impl Completion {
     /// Status OK?
     pub fn ok(&self) -> bool {
-        self.status == BLK_S_OK
+        self.status == VIRTIO_BLK_S_OK as u8
     }
 
     /// `Ok(self)` if the status is OK, else [`Error::Status`].
@@ -523,6 +527,9 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
 
     #[test]
     fn even_split_covers_the_data() {
@@ -541,12 +548,12 @@ mod tests {
         // header + 3 data + status, linked 0 -> 1 -> 2 -> 3 -> 4
         let d: Vec<Desc> = (0..5).map(|i| q.read_desc(i).unwrap()).collect();
         assert_eq!(d[0].len, 16);
-        assert_eq!(d[0].flags, VIRTQ_DESC_F_NEXT);
+        assert_eq!(d[0].flags, VRING_DESC_F_NEXT as u16);
         assert_eq!(
             d[1..4].iter().map(|d| d.len).collect::<Vec<_>>(),
             vec![334, 333, 333]
         );
-        assert_eq!(d[4].flags, VIRTQ_DESC_F_WRITE);
+        assert_eq!(d[4].flags, VRING_DESC_F_WRITE as u16);
         for w in d.windows(2) {
             assert!(
                 w[0].addr > w[1].addr + w[1].len as u64,
@@ -555,7 +562,7 @@ mod tests {
         }
         assert_eq!(
             mem.read_vec(d[0].addr, 16).unwrap()[0..4],
-            BLK_T_OUT.to_le_bytes()
+            VIRTIO_BLK_T_OUT.to_le_bytes()
         );
         assert_eq!(mem.read_vec(d[4].addr, 1).unwrap(), vec![0xff]);
         assert_eq!(q.in_flight(), 1);
@@ -578,7 +585,7 @@ mod tests {
         q.enqueue(&Request::read(0, 1024).with_layout(layout.indirect()))
             .unwrap();
         let head = q.read_desc(0).unwrap();
-        assert_eq!(head.flags, VIRTQ_DESC_F_INDIRECT);
+        assert_eq!(head.flags, VRING_DESC_F_INDIRECT as u16);
         assert_eq!(
             head.len, 48,
             "header + 2 data pieces, the last one holding the status"
@@ -592,7 +599,7 @@ mod tests {
         assert_eq!(t[0].next, 1);
         assert_eq!(t[1].len, 512);
         assert_eq!(t[2].len, 513);
-        assert_eq!(t[2].flags, VIRTQ_DESC_F_WRITE);
+        assert_eq!(t[2].flags, VRING_DESC_F_WRITE as u16);
         assert_eq!(q.free_desc_count(), 15);
     }
 }

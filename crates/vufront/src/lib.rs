@@ -8,7 +8,7 @@
 //!   between regions are unmapped on purpose, so descriptors can point at nothing), with a small
 //!   allocator for rings and request buffers. The frontend reads and writes it through vm-memory;
 //!   the backend maps the same memfd after `SET_MEM_TABLE`.
-//! - [`Device`]: the vhost-user session (`vhost::vhost_user::Frontend`): connect with a retry
+//! - [`Frontend`]: the vhost-user session (`vhost::vhost_user::Frontend`): connect with a retry
 //!   deadline, feature and protocol negotiation, the virtio-blk config, the memory table, and the
 //!   vring set-up. Queues can be stopped (`GET_VRING_BASE`) and re-attached to a new connection.
 //! - [`Queue`]: a split virtqueue driver. The low-level half writes arbitrary raw descriptors
@@ -36,7 +36,7 @@
 //! use vufront::*;
 //!
 //! # fn main() -> vufront::Result<()> {
-//! let mut dev = Device::connect("/run/vzram/vz0.sock", &Options::default())?;
+//! let mut dev = Frontend::connect("/run/vzram/vz0.sock", &Options::default())?;
 //! let mut q = dev.take_queue(0).unwrap();
 //! q.write(8, &[0xab; 4096])?.check()?;
 //! let split = Request::read(8, 4096).with_layout(Layout::split(3).indirect());
@@ -45,7 +45,7 @@
 //! // Raw: a header whose chain loops back on itself, published by hand.
 //! let mem = q.mem().clone();
 //! let hdr = mem.alloc(16, 16)?;
-//! hdr.write_at(0, &BLK_T_IN.to_le_bytes())?;
+//! hdr.write_at(0, &virtio_blk::VIRTIO_BLK_T_IN.to_le_bytes())?;
 //! let data = mem.alloc(512, 16)?;
 //! let ids = q.alloc_descs(2)?; // keep the high-level API off these indices
 //! q.write_desc(ids[0], Desc::readable(hdr.gpa(), 16).then(ids[1]))?;
@@ -59,7 +59,7 @@
 //! ```
 
 mod blk;
-mod device;
+mod frontend;
 mod mem;
 mod queue;
 mod virtio;
@@ -69,10 +69,12 @@ pub mod load;
 pub mod ramdisk;
 
 pub use blk::{Completion, Layout, Request, Segment, Split};
-pub use device::{Device, Options};
+pub use frontend::{Frontend, Options};
 pub use mem::{DEFAULT_GUEST_BASE, GuestBuf, GuestMem, RegionSpec};
-pub use queue::{ChainSeg, Queue, QueueCounters};
+pub use queue::{ChainSeg, Queue, RingCounters};
 pub use virtio::*;
+/// virtio_bindings' names of request types, statuses, feature and descriptor flags.
+pub use virtio_bindings::{virtio_blk, virtio_config, virtio_ring};
 
 use std::time::Duration;
 

@@ -17,7 +17,7 @@
 //! (64 sub-buckets per power of two: within 1.6%).
 
 use crate::{
-    Completion, Device, Error, Layout, Options, Queue, QueueCounters, Request, Result, Split,
+    Completion, Error, Frontend, Layout, Options, Queue, Request, Result, RingCounters, Split,
     feature_names,
 };
 use pagemix::{Mix, SplitMix64, fill_page};
@@ -482,8 +482,8 @@ pub trait TargetQueue {
     /// latency runs from its enqueue to this reap.
     fn complete(&mut self, timeout: Duration) -> Result<Vec<Completion>>;
     /// Notification counters (zero for targets without notifications).
-    fn counters(&self) -> QueueCounters {
-        QueueCounters::default()
+    fn counters(&self) -> RingCounters {
+        RingCounters::default()
     }
     /// The queue's index, for log messages.
     fn index(&self) -> u16;
@@ -502,7 +502,7 @@ impl TargetQueue for Queue {
         Queue::complete(self, timeout)
     }
 
-    fn counters(&self) -> QueueCounters {
+    fn counters(&self) -> RingCounters {
         Queue::counters(self)
     }
 
@@ -515,7 +515,7 @@ impl TargetQueue for Queue {
 struct VhostUser {
     socket: PathBuf,
     queues: Vec<Queue>,
-    dev: Device,
+    dev: Frontend,
 }
 
 impl Target for VhostUser {
@@ -619,7 +619,7 @@ pub fn run(opts: &LoadOptions) -> Result<Report> {
         connect_timeout: opts.connect_timeout,
         ..Options::default()
     };
-    let mut dev = Device::connect(&opts.socket, &dev_opts)?;
+    let mut dev = Frontend::connect(&opts.socket, &dev_opts)?;
     let queues = dev.take_queues();
     run_on(
         &mut VhostUser {
@@ -1019,8 +1019,8 @@ fn job_report(
     job: &Job,
     span: u64,
     workers: &[Worker],
-    before: &[crate::QueueCounters],
-    after: &[crate::QueueCounters],
+    before: &[crate::RingCounters],
+    after: &[crate::RingCounters],
 ) -> JobReport {
     let mut hist = Histogram::new();
     workers.iter().for_each(|w| hist.merge(&w.hist));
@@ -1031,7 +1031,7 @@ fn job_report(
     let bytes = ops * u64::from(job.bs);
     let sum = |f: fn(&Worker) -> u64| workers.iter().map(f).sum::<u64>();
     let used = usize::from(job.numjobs);
-    let delta = |f: fn(&crate::QueueCounters) -> u64| {
+    let delta = |f: fn(&crate::RingCounters) -> u64| {
         (0..used).map(|i| f(&after[i]) - f(&before[i])).sum::<u64>()
     };
     JobReport {

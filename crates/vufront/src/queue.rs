@@ -3,15 +3,14 @@
 
 use crate::blk::Inflight;
 use crate::mem::{GuestBuf, GuestMem};
-use crate::virtio::{
-    Desc, UsedElem, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
-};
+use crate::virtio::{Desc, UsedElem};
 use crate::{Completion, Error, Result};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 /// One buffer of a chain: guest address, length, and direction.
@@ -21,13 +20,13 @@ pub struct ChainSeg {
     pub addr: u64,
     /// Length in bytes.
     pub len: u32,
-    /// Device-writable (`VIRTQ_DESC_F_WRITE`).
+    /// Device-writable (`VRING_DESC_F_WRITE`).
     pub write: bool,
 }
 
 /// What a queue has done, for tests of notification suppression and for reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct QueueCounters {
+pub struct RingCounters {
     /// Chains published on the avail ring.
     pub published: u64,
     /// Eventfd kicks sent to the backend.
@@ -70,15 +69,15 @@ pub struct Queue {
     pub(crate) inflight: Vec<Option<Inflight>>,
     pub(crate) ready: VecDeque<Completion>,
     pub(crate) next_tag: u64,
-    counters: QueueCounters,
-    /// The connection's vhost-user socket (held by the [`crate::Device`]): a wait ends with
+    counters: RingCounters,
+    /// The connection's vhost-user socket (held by the [`crate::Frontend`]): a wait ends with
     /// an error when the backend hangs up instead of lasting its whole timeout.
     peer: Weak<OwnedFd>,
 }
 
 impl Queue {
     /// A queue of `size` entries with fresh (zeroed) rings in `mem`. `event_idx` and
-    /// `indirect` say what was negotiated; [`crate::Device`] sets them.
+    /// `indirect` say what was negotiated; [`crate::Frontend`] sets them.
     pub fn new(mem: &Arc<GuestMem>, index: u16, size: u16) -> Result<Queue> {
         if size == 0 || !size.is_power_of_two() {
             return Err(Error::Invalid(format!(
@@ -107,7 +106,7 @@ impl Queue {
             inflight: (0..size).map(|_| None).collect(),
             ready: VecDeque::new(),
             next_tag: 0,
-            counters: QueueCounters::default(),
+            counters: RingCounters::default(),
             peer: Weak::new(),
         })
     }
@@ -190,7 +189,7 @@ impl Queue {
     }
 
     /// Counters so far.
-    pub fn counters(&self) -> QueueCounters {
+    pub fn counters(&self) -> RingCounters {
         self.counters
     }
 
@@ -349,7 +348,7 @@ impl Queue {
             let event = self.avail_event()?;
             need_event(event, new, old)
         } else {
-            self.used_flags()? & VRING_USED_F_NO_NOTIFY == 0
+            self.used_flags()? & VRING_USED_F_NO_NOTIFY as u16 == 0
         };
         if need {
             self.kick()?;
@@ -442,7 +441,7 @@ impl Queue {
         self.sleep(timeout)
     }
 
-    /// Which connection's hang-up ends this queue's waits ([`crate::Device::attach_queue`]).
+    /// Which connection's hang-up ends this queue's waits ([`crate::Frontend::attach_queue`]).
     pub(crate) fn set_peer(&mut self, peer: Weak<OwnedFd>) {
         self.peer = peer;
     }
@@ -514,9 +513,13 @@ impl Queue {
 }
 
 pub(crate) fn chain_desc(seg: &ChainSeg, next: Option<u16>) -> Desc {
-    let mut flags = if seg.write { VIRTQ_DESC_F_WRITE } else { 0 };
+    let mut flags = if seg.write {
+        VRING_DESC_F_WRITE as u16
+    } else {
+        0
+    };
     if next.is_some() {
-        flags |= VIRTQ_DESC_F_NEXT;
+        flags |= VRING_DESC_F_NEXT as u16;
     }
     Desc {
         addr: seg.addr,

@@ -30,8 +30,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use vhost::vhost_user::Listener;
+use vhost::vhost_user::VhostUserVirtioFeatures;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
@@ -352,22 +362,22 @@ impl VhostUserBackend for Backend {
 
     fn features(&self) -> u64 {
         let c = &self.disk.cfg;
-        let mut f = F_VERSION_1
-            | F_PROTOCOL_FEATURES
-            | BLK_F_SEG_MAX
-            | BLK_F_BLK_SIZE
-            | BLK_F_FLUSH
-            | BLK_F_MQ
-            | BLK_F_DISCARD
-            | BLK_F_WRITE_ZEROES;
+        let mut f = (1 << VIRTIO_F_VERSION_1)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_BLK_F_DISCARD)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         if c.readonly {
-            f |= BLK_F_RO;
+            f |= 1 << VIRTIO_BLK_F_RO;
         }
         if c.event_idx {
-            f |= F_EVENT_IDX;
+            f |= 1 << VIRTIO_RING_F_EVENT_IDX;
         }
         if c.indirect {
-            f |= F_INDIRECT_DESC;
+            f |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
         }
         f
     }
@@ -544,9 +554,9 @@ impl Disk {
             return 0;
         };
         let (status, written) = self.execute(mem, &readable, &writable);
-        let counter = match status {
-            BLK_S_OK => &c.ok,
-            BLK_S_UNSUPP => &c.unsupp,
+        let counter = match u32::from(status) {
+            VIRTIO_BLK_S_OK => &c.ok,
+            VIRTIO_BLK_S_UNSUPP => &c.unsupp,
             _ => &c.ioerr,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -563,11 +573,11 @@ impl Disk {
             .chain(writable)
             .all(|&(a, l)| mem.check_range(a, l))
         {
-            return (BLK_S_IOERR, 0);
+            return (VIRTIO_BLK_S_IOERR as u8, 0);
         }
         let mut hdr = [0u8; BLK_HEADER_LEN];
         if gather(mem, readable, &mut hdr).is_err() {
-            return (BLK_S_IOERR, 0);
+            return (VIRTIO_BLK_S_IOERR as u8, 0);
         }
         let req_type = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
         let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
@@ -575,34 +585,36 @@ impl Disk {
         let out_len: usize = out.iter().map(|s| s.1).sum();
         let in_len: usize = writable.iter().map(|s| s.1).sum();
         match req_type {
-            BLK_T_IN => match self.range(sector, in_len) {
+            VIRTIO_BLK_T_IN => match self.range(sector, in_len) {
                 Some(off) => match self.copy(mem, writable, off, true) {
-                    Ok(()) => (BLK_S_OK, in_len as u32),
-                    Err(_) => (BLK_S_IOERR, 0),
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, in_len as u32),
+                    Err(_) => (VIRTIO_BLK_S_IOERR as u8, 0),
                 },
-                None => (BLK_S_IOERR, 0),
+                None => (VIRTIO_BLK_S_IOERR as u8, 0),
             },
-            BLK_T_OUT => match self.range(sector, out_len) {
+            VIRTIO_BLK_T_OUT => match self.range(sector, out_len) {
                 Some(off) if !self.cfg.readonly => match self.copy(mem, &out, off, false) {
-                    Ok(()) => (BLK_S_OK, 0),
-                    Err(_) => (BLK_S_IOERR, 0),
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                    Err(_) => (VIRTIO_BLK_S_IOERR as u8, 0),
                 },
-                _ => (BLK_S_IOERR, 0),
+                _ => (VIRTIO_BLK_S_IOERR as u8, 0),
             },
-            BLK_T_FLUSH => (BLK_S_OK, 0),
-            BLK_T_GET_ID => {
-                let mut id = [0u8; BLK_ID_BYTES];
+            VIRTIO_BLK_T_FLUSH => (VIRTIO_BLK_S_OK as u8, 0),
+            VIRTIO_BLK_T_GET_ID => {
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
                 let s = self.cfg.serial.as_bytes();
-                let n = s.len().min(BLK_ID_BYTES);
+                let n = s.len().min(VIRTIO_BLK_ID_BYTES as usize);
                 id[..n].copy_from_slice(&s[..n]);
-                let n = in_len.min(BLK_ID_BYTES);
+                let n = in_len.min(VIRTIO_BLK_ID_BYTES as usize);
                 match scatter(mem, writable, &id[..n]) {
-                    Ok(()) => (BLK_S_OK, n as u32),
-                    Err(_) => (BLK_S_IOERR, 0),
+                    Ok(()) => (VIRTIO_BLK_S_OK as u8, n as u32),
+                    Err(_) => (VIRTIO_BLK_S_IOERR as u8, 0),
                 }
             }
-            BLK_T_DISCARD | BLK_T_WRITE_ZEROES => (self.zero_segments(mem, req_type, &out), 0),
-            _ => (BLK_S_UNSUPP, 0),
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                (self.zero_segments(mem, req_type, &out), 0)
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
         }
     }
 
@@ -615,21 +627,21 @@ impl Disk {
 
     fn zero_segments(&self, mem: &GuestMemoryMmap<()>, req_type: u32, segs: &Sg) -> u8 {
         if self.cfg.readonly {
-            return BLK_S_IOERR;
+            return VIRTIO_BLK_S_IOERR as u8;
         }
         let total: usize = segs.iter().map(|s| s.1).sum();
         if total == 0
             || total % BLK_SEGMENT_LEN != 0
             || total / BLK_SEGMENT_LEN > MAX_SEGMENTS as usize
         {
-            return BLK_S_IOERR;
+            return VIRTIO_BLK_S_IOERR as u8;
         }
         let mut bytes = vec![0u8; total];
         if gather(mem, segs, &mut bytes).is_err() {
-            return BLK_S_IOERR;
+            return VIRTIO_BLK_S_IOERR as u8;
         }
-        let allowed = if req_type == BLK_T_WRITE_ZEROES {
-            BLK_WRITE_ZEROES_FLAG_UNMAP
+        let allowed = if req_type == VIRTIO_BLK_T_WRITE_ZEROES {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
         } else {
             0
         };
@@ -640,11 +652,11 @@ impl Disk {
             let n = u32::from_le_bytes(s[8..12].try_into().unwrap());
             let flags = u32::from_le_bytes(s[12..16].try_into().unwrap());
             if flags & !allowed != 0 {
-                return BLK_S_UNSUPP;
+                return VIRTIO_BLK_S_UNSUPP as u8;
             }
             match self.range(sector, n as usize * SECTOR_SIZE as usize) {
                 Some(off) => ranges.push((off, n as usize * SECTOR_SIZE as usize)),
-                None => return BLK_S_IOERR,
+                None => return VIRTIO_BLK_S_IOERR as u8,
             }
         }
         for (off, len) in ranges {
@@ -654,12 +666,12 @@ impl Disk {
                 let n = ZEROES.len().min(len - done);
                 match self.slice(off + done as u64, n) {
                     Ok(s) => s.copy_from(&ZEROES[..n]),
-                    Err(_) => return BLK_S_IOERR,
+                    Err(_) => return VIRTIO_BLK_S_IOERR as u8,
                 }
                 done += n;
             }
         }
-        BLK_S_OK
+        VIRTIO_BLK_S_OK as u8
     }
 
     /// Copies between the disk at `off` and the guest buffers (`to_guest`: disk -> guest).

@@ -1,93 +1,37 @@
 //! Virtio and virtio-blk wire definitions: split-ring descriptors, used elements, the
-//! virtio-blk config space, request types and status codes.
+//! virtio-blk config space. Request types, status codes and feature bits are virtio_bindings'
+//! own (`virtio_blk::VIRTIO_BLK_T_IN`, ...), re-exported by the crate; what is here are the
+//! values it does not name.
 
 use serde::Serialize;
-use virtio_bindings::virtio_blk as b;
-use virtio_bindings::virtio_config as c;
-use virtio_bindings::virtio_ring as r;
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+};
 use zram::SECTOR_SIZE;
 
-/// Descriptor flag: the chain continues at `next`.
-pub const VIRTQ_DESC_F_NEXT: u16 = r::VRING_DESC_F_NEXT as u16;
-/// Descriptor flag: device-writable buffer.
-pub const VIRTQ_DESC_F_WRITE: u16 = r::VRING_DESC_F_WRITE as u16;
-/// Descriptor flag: the buffer is a table of descriptors.
-pub const VIRTQ_DESC_F_INDIRECT: u16 = r::VRING_DESC_F_INDIRECT as u16;
-/// Used-ring flag: the device asks not to be kicked (without EVENT_IDX).
-pub const VRING_USED_F_NO_NOTIFY: u16 = r::VRING_USED_F_NO_NOTIFY as u16;
-
-/// `VIRTIO_F_VERSION_1`.
-pub const F_VERSION_1: u64 = 1 << c::VIRTIO_F_VERSION_1;
-/// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const F_INDIRECT_DESC: u64 = 1 << r::VIRTIO_RING_F_INDIRECT_DESC;
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const F_EVENT_IDX: u64 = 1 << r::VIRTIO_RING_F_EVENT_IDX;
-/// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30).
-pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// `VIRTIO_BLK_F_SIZE_MAX`.
-pub const BLK_F_SIZE_MAX: u64 = 1 << b::VIRTIO_BLK_F_SIZE_MAX;
-/// `VIRTIO_BLK_F_SEG_MAX`.
-pub const BLK_F_SEG_MAX: u64 = 1 << b::VIRTIO_BLK_F_SEG_MAX;
-/// `VIRTIO_BLK_F_GEOMETRY`.
-pub const BLK_F_GEOMETRY: u64 = 1 << b::VIRTIO_BLK_F_GEOMETRY;
-/// `VIRTIO_BLK_F_RO`.
-pub const BLK_F_RO: u64 = 1 << b::VIRTIO_BLK_F_RO;
-/// `VIRTIO_BLK_F_BLK_SIZE`.
-pub const BLK_F_BLK_SIZE: u64 = 1 << b::VIRTIO_BLK_F_BLK_SIZE;
-/// `VIRTIO_BLK_F_FLUSH`.
-pub const BLK_F_FLUSH: u64 = 1 << b::VIRTIO_BLK_F_FLUSH;
-/// `VIRTIO_BLK_F_TOPOLOGY`.
-pub const BLK_F_TOPOLOGY: u64 = 1 << b::VIRTIO_BLK_F_TOPOLOGY;
-/// `VIRTIO_BLK_F_CONFIG_WCE`.
-pub const BLK_F_CONFIG_WCE: u64 = 1 << b::VIRTIO_BLK_F_CONFIG_WCE;
-/// `VIRTIO_BLK_F_MQ`.
-pub const BLK_F_MQ: u64 = 1 << b::VIRTIO_BLK_F_MQ;
-/// `VIRTIO_BLK_F_DISCARD`.
-pub const BLK_F_DISCARD: u64 = 1 << b::VIRTIO_BLK_F_DISCARD;
-/// `VIRTIO_BLK_F_WRITE_ZEROES`.
-pub const BLK_F_WRITE_ZEROES: u64 = 1 << b::VIRTIO_BLK_F_WRITE_ZEROES;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`, the vhost-user feature bit (virtio_bindings has no name
+/// for it).
+const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// The features this frontend acknowledges when the backend offers them (EVENT_IDX only when
 /// [`crate::Options::event_idx`] is set).
-pub const WANTED_FEATURES: u64 = F_VERSION_1
-    | F_INDIRECT_DESC
-    | F_EVENT_IDX
+pub const WANTED_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1
+    | 1 << VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << VIRTIO_RING_F_EVENT_IDX
     | F_PROTOCOL_FEATURES
-    | BLK_F_SIZE_MAX
-    | BLK_F_SEG_MAX
-    | BLK_F_BLK_SIZE
-    | BLK_F_TOPOLOGY
-    | BLK_F_FLUSH
-    | BLK_F_MQ
-    | BLK_F_DISCARD
-    | BLK_F_WRITE_ZEROES
-    | BLK_F_RO;
-
-/// `VIRTIO_BLK_T_IN`: read.
-pub const BLK_T_IN: u32 = b::VIRTIO_BLK_T_IN;
-/// `VIRTIO_BLK_T_OUT`: write.
-pub const BLK_T_OUT: u32 = b::VIRTIO_BLK_T_OUT;
-/// `VIRTIO_BLK_T_FLUSH`.
-pub const BLK_T_FLUSH: u32 = b::VIRTIO_BLK_T_FLUSH;
-/// `VIRTIO_BLK_T_GET_ID`: 20-byte serial.
-pub const BLK_T_GET_ID: u32 = b::VIRTIO_BLK_T_GET_ID;
-/// `VIRTIO_BLK_T_DISCARD`.
-pub const BLK_T_DISCARD: u32 = b::VIRTIO_BLK_T_DISCARD;
-/// `VIRTIO_BLK_T_WRITE_ZEROES`.
-pub const BLK_T_WRITE_ZEROES: u32 = b::VIRTIO_BLK_T_WRITE_ZEROES;
-/// `VIRTIO_BLK_T_SECURE_ERASE`.
-pub const BLK_T_SECURE_ERASE: u32 = b::VIRTIO_BLK_T_SECURE_ERASE;
-/// Length of the GET_ID answer.
-pub const BLK_ID_BYTES: usize = b::VIRTIO_BLK_ID_BYTES as usize;
-/// Write-zeroes segment flag: the device may unmap (deallocate) the range.
-pub const BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = b::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
-
-/// `VIRTIO_BLK_S_OK`.
-pub const BLK_S_OK: u8 = b::VIRTIO_BLK_S_OK as u8;
-/// `VIRTIO_BLK_S_IOERR`.
-pub const BLK_S_IOERR: u8 = b::VIRTIO_BLK_S_IOERR as u8;
-/// `VIRTIO_BLK_S_UNSUPP`.
-pub const BLK_S_UNSUPP: u8 = b::VIRTIO_BLK_S_UNSUPP as u8;
+    | 1 << VIRTIO_BLK_F_SIZE_MAX
+    | 1 << VIRTIO_BLK_F_SEG_MAX
+    | 1 << VIRTIO_BLK_F_BLK_SIZE
+    | 1 << VIRTIO_BLK_F_TOPOLOGY
+    | 1 << VIRTIO_BLK_F_FLUSH
+    | 1 << VIRTIO_BLK_F_MQ
+    | 1 << VIRTIO_BLK_F_DISCARD
+    | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+    | 1 << VIRTIO_BLK_F_RO;
 
 /// Size of the virtio-blk request header (type, ioprio, sector).
 pub const BLK_HEADER_LEN: usize = 16;
@@ -101,7 +45,7 @@ pub struct Desc {
     pub addr: u64,
     /// Length in bytes.
     pub len: u32,
-    /// `VIRTQ_DESC_F_*` flags; any bits may be set.
+    /// `VRING_DESC_F_*` flags; any bits may be set.
     pub flags: u16,
     /// Next descriptor index when `NEXT` is set; any value may be written.
     pub next: u16,
@@ -123,14 +67,14 @@ impl Desc {
         Desc {
             addr,
             len,
-            flags: VIRTQ_DESC_F_WRITE,
+            flags: VRING_DESC_F_WRITE as u16,
             next: 0,
         }
     }
 
     /// This descriptor, continued at `next`.
     pub fn then(mut self, next: u16) -> Desc {
-        self.flags |= VIRTQ_DESC_F_NEXT;
+        self.flags |= VRING_DESC_F_NEXT as u16;
         self.next = next;
         self
     }
@@ -140,7 +84,7 @@ impl Desc {
         Desc {
             addr: table,
             len: count * 16,
-            flags: VIRTQ_DESC_F_INDIRECT,
+            flags: VRING_DESC_F_INDIRECT as u16,
             next: 0,
         }
     }
@@ -300,26 +244,26 @@ impl BlkConfig {
 /// Names of the feature bits set in `features` (virtio, ring and blk bits this crate knows),
 /// for logs and reports.
 pub fn feature_names(features: u64) -> Vec<&'static str> {
-    const NAMES: &[(u64, &str)] = &[
-        (BLK_F_SIZE_MAX, "SIZE_MAX"),
-        (BLK_F_SEG_MAX, "SEG_MAX"),
-        (BLK_F_GEOMETRY, "GEOMETRY"),
-        (BLK_F_RO, "RO"),
-        (BLK_F_BLK_SIZE, "BLK_SIZE"),
-        (BLK_F_FLUSH, "FLUSH"),
-        (BLK_F_TOPOLOGY, "TOPOLOGY"),
-        (BLK_F_CONFIG_WCE, "CONFIG_WCE"),
-        (BLK_F_MQ, "MQ"),
-        (BLK_F_DISCARD, "DISCARD"),
-        (BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
-        (F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
-        (F_EVENT_IDX, "RING_EVENT_IDX"),
-        (F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
-        (F_VERSION_1, "VERSION_1"),
+    const NAMES: &[(u32, &str)] = &[
+        (VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
+        (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
+        (VIRTIO_BLK_F_GEOMETRY, "GEOMETRY"),
+        (VIRTIO_BLK_F_RO, "RO"),
+        (VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
+        (VIRTIO_BLK_F_FLUSH, "FLUSH"),
+        (VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
+        (VIRTIO_BLK_F_CONFIG_WCE, "CONFIG_WCE"),
+        (VIRTIO_BLK_F_MQ, "MQ"),
+        (VIRTIO_BLK_F_DISCARD, "DISCARD"),
+        (VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
+        (VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
+        (F_PROTOCOL_FEATURES.trailing_zeros(), "PROTOCOL_FEATURES"),
+        (VIRTIO_F_VERSION_1, "VERSION_1"),
     ];
     NAMES
         .iter()
-        .filter(|(bit, _)| features & bit != 0)
+        .filter(|(bit, _)| features & 1 << bit != 0)
         .map(|(_, name)| *name)
         .collect()
 }

@@ -28,7 +28,7 @@ fn fail(msg: &str) -> ! {
 #[test]
 fn avail_index_jump_stops_the_queue_without_spinning() {
     let s = serve_default();
-    let mut dev = Device::connect(
+    let mut dev = Frontend::connect(
         &s.socket,
         &Options {
             num_queues: 2,

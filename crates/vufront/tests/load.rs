@@ -8,7 +8,7 @@ use std::time::Duration;
 use vufront::load::{self, Job, LoadOptions, Partition, Rw, Verify};
 use vufront::ramdisk::RamdiskConfig;
 
-fn small() -> Served {
+fn small() -> ServedRamdisk {
     serve(RamdiskConfig {
         capacity: 8 << 20,
         num_queues: 2,

@@ -6,14 +6,17 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use std::time::Duration;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 use vufront::*;
 
 /// Guest memory with a hole: region 0 at 1 MiB, region 1 at 1 GiB; [`GAP`] is unmapped.
 const GAP: u64 = 0x2000_0000;
 
 struct Setup {
-    s: Served,
-    _dev: Device,
+    s: ServedRamdisk,
+    _dev: Frontend,
     q: Queue,
     mem: Arc<GuestMem>,
 }
@@ -37,7 +40,7 @@ fn setup() -> Setup {
         queue_size: 16,
         ..Options::default()
     };
-    let mut dev = Device::connect_with_memory(&s.socket, &opts, mem.clone()).unwrap();
+    let mut dev = Frontend::connect_with_memory(&s.socket, &opts, mem.clone()).unwrap();
     let q = dev.take_queue(0).unwrap();
     Setup {
         s,
@@ -81,7 +84,7 @@ fn byte(b: &GuestBuf) -> u8 {
     b.to_vec().unwrap()[0]
 }
 
-fn disk_sector(s: &Served, sector: u64) -> Vec<u8> {
+fn disk_sector(s: &ServedRamdisk, sector: u64) -> Vec<u8> {
     let mut v = vec![0u8; 512];
     s.disk.read(sector * 512, &mut v).unwrap();
     v
@@ -90,7 +93,7 @@ fn disk_sector(s: &Served, sector: u64) -> Vec<u8> {
 #[test]
 fn loop_in_chain_is_malformed() {
     let mut t = setup();
-    let h = buf(&t.mem, &header(BLK_T_IN, 0));
+    let h = buf(&t.mem, &header(VIRTIO_BLK_T_IN, 0));
     let data = buf(&t.mem, &[0x33; 512]);
     let st = buf(&t.mem, &[0xff]);
     let u = run_raw(
@@ -114,7 +117,7 @@ fn loop_in_chain_is_malformed() {
 #[test]
 fn next_out_of_range_is_malformed() {
     let mut t = setup();
-    let h = buf(&t.mem, &header(BLK_T_FLUSH, 0));
+    let h = buf(&t.mem, &header(VIRTIO_BLK_T_FLUSH, 0));
     let st = buf(&t.mem, &[0xff]);
     let u = run_raw(
         &mut t.q,
@@ -131,7 +134,7 @@ fn next_out_of_range_is_malformed() {
 #[test]
 fn zero_length_and_missing_status() {
     let mut t = setup();
-    let h = buf(&t.mem, &header(BLK_T_FLUSH, 0));
+    let h = buf(&t.mem, &header(VIRTIO_BLK_T_FLUSH, 0));
     let st = buf(&t.mem, &[0xff]);
     // The only writable descriptor has length 0: nowhere to put a status.
     let u = run_raw(
@@ -153,7 +156,7 @@ fn zero_length_and_missing_status() {
         ],
     );
     assert_eq!(u.len, 1);
-    assert_eq!(byte(&st), BLK_S_OK);
+    assert_eq!(byte(&st), VIRTIO_BLK_S_OK as u8);
     let stats = t.s.disk.stats();
     assert_eq!((stats.malformed, stats.ok), (1, 1));
 }
@@ -163,7 +166,7 @@ fn wrong_directions() {
     let mut t = setup();
     let s = &t.s;
     // Header writable: no readable header at all -> IOERR in the status byte.
-    let h = buf(&t.mem, &header(BLK_T_IN, 0));
+    let h = buf(&t.mem, &header(VIRTIO_BLK_T_IN, 0));
     let data = buf(&t.mem, &[0x33; 512]);
     let st = buf(&t.mem, &[0xff]);
     let u = run_raw(
@@ -174,11 +177,11 @@ fn wrong_directions() {
             Desc::writable(st.gpa(), 1),
         ],
     );
-    assert_eq!((u.len, byte(&st)), (1, BLK_S_IOERR));
+    assert_eq!((u.len, byte(&st)), (1, VIRTIO_BLK_S_IOERR as u8));
     assert_eq!(data.to_vec().unwrap(), vec![0x33; 512]);
 
     // Status readable: no writable byte -> malformed, and the write did not happen.
-    let h = buf(&t.mem, &header(BLK_T_OUT, 0));
+    let h = buf(&t.mem, &header(VIRTIO_BLK_T_OUT, 0));
     let data = buf(&t.mem, &[0x77; 512]);
     let st = buf(&t.mem, &[0xff]);
     let u = run_raw(
@@ -212,7 +215,7 @@ fn wrong_directions() {
             Desc::writable(st.gpa(), 1),
         ],
     );
-    assert_eq!((u.len, byte(&st)), (1, BLK_S_IOERR));
+    assert_eq!((u.len, byte(&st)), (1, VIRTIO_BLK_S_IOERR as u8));
     assert_eq!(t.s.disk.stats().malformed, 2);
     assert_eq!(t.s.disk.stats().ioerr, 2);
 }
@@ -220,7 +223,7 @@ fn wrong_directions() {
 #[test]
 fn bad_indirect_tables() {
     let mut t = setup();
-    let h = buf(&t.mem, &header(BLK_T_FLUSH, 0));
+    let h = buf(&t.mem, &header(VIRTIO_BLK_T_FLUSH, 0));
     let st = buf(&t.mem, &[0xff]);
     let table = t.mem.alloc(64, 16).unwrap();
     t.mem
@@ -234,7 +237,7 @@ fn bad_indirect_tables() {
         .unwrap();
     // A correct indirect chain first.
     let u = run_raw(&mut t.q, &[Desc::indirect(table.gpa(), 2)]);
-    assert_eq!((u.len, byte(&st)), (1, BLK_S_OK));
+    assert_eq!((u.len, byte(&st)), (1, VIRTIO_BLK_S_OK as u8));
     // Table length not a multiple of 16.
     st.fill(0xff).unwrap();
     let mut d = Desc::indirect(table.gpa(), 2);
@@ -257,7 +260,7 @@ fn bad_indirect_tables() {
 #[test]
 fn buffers_in_unmapped_memory() {
     let mut t = setup();
-    let h = buf(&t.mem, &header(BLK_T_OUT, 0));
+    let h = buf(&t.mem, &header(VIRTIO_BLK_T_OUT, 0));
     let data = buf(&t.mem, &[0x77; 512]);
     let st = buf(&t.mem, &[0xff]);
     // One data piece in the gap: IOERR, and the mapped piece was not written either.
@@ -270,7 +273,7 @@ fn buffers_in_unmapped_memory() {
             Desc::writable(st.gpa(), 1),
         ],
     );
-    assert_eq!((u.len, byte(&st)), (1, BLK_S_IOERR));
+    assert_eq!((u.len, byte(&st)), (1, VIRTIO_BLK_S_IOERR as u8));
     assert_eq!(disk_sector(&t.s, 0), vec![0; 512]);
     // A piece that runs off the end of region 0 into the hole.
     let end0 = 0x10_0000 + (4 << 20);
@@ -282,7 +285,7 @@ fn buffers_in_unmapped_memory() {
             Desc::writable(st.gpa(), 1),
         ],
     );
-    assert_eq!((u.len, byte(&st)), (1, BLK_S_IOERR));
+    assert_eq!((u.len, byte(&st)), (1, VIRTIO_BLK_S_IOERR as u8));
     // Status in the hole: malformed (nowhere to write it).
     let u = run_raw(
         &mut t.q,
@@ -315,7 +318,7 @@ fn stray_used_elements_are_reported() {
     // The high-level API refuses a used element it did not submit: here a raw chain shares
     // the queue with a high-level request.
     let mut t = setup();
-    let h = buf(&t.mem, &header(BLK_T_FLUSH, 0));
+    let h = buf(&t.mem, &header(VIRTIO_BLK_T_FLUSH, 0));
     let st = buf(&t.mem, &[0xff]);
     let ids = t.q.alloc_descs(2).unwrap();
     t.q.write_chain(

@@ -12,6 +12,12 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vufront::load::{self, LoadOptions, Verify};
 use vufront::*;
 
@@ -93,17 +99,17 @@ fn opts(queues: u16) -> Options {
 #[test]
 fn qsd_requests_in_every_layout() {
     let qsd = Qsd::start(32 << 20, 2);
-    let mut dev = Device::connect(&qsd.socket, &opts(2))
+    let mut dev = Frontend::connect(&qsd.socket, &opts(2))
         .unwrap_or_else(|e| panic!("{e}; qsd log: {}", qsd.log()));
     assert_eq!(dev.capacity(), 32 << 20);
     assert_eq!(dev.max_queues(), 2);
     let f = dev.features();
     for bit in [
-        F_VERSION_1,
-        F_EVENT_IDX,
-        F_INDIRECT_DESC,
-        BLK_F_FLUSH,
-        BLK_F_MQ,
+        (1 << VIRTIO_F_VERSION_1),
+        (1 << VIRTIO_RING_F_EVENT_IDX),
+        (1 << VIRTIO_RING_F_INDIRECT_DESC),
+        (1 << VIRTIO_BLK_F_FLUSH),
+        (1 << VIRTIO_BLK_F_MQ),
     ] {
         assert_ne!(f & bit, 0, "QSD offers {:?}", feature_names(f));
     }
@@ -128,14 +134,14 @@ fn qsd_requests_in_every_layout() {
                 Duration::from_secs(5),
             )
             .unwrap();
-        assert_eq!(w.status, BLK_S_OK, "{layout:?}");
+        assert_eq!(w.status, VIRTIO_BLK_S_OK as u8, "{layout:?}");
         let r = q
             .execute(
                 &Request::read(sector, 12288).with_layout(layout.clone()),
                 Duration::from_secs(5),
             )
             .unwrap();
-        assert_eq!(r.status, BLK_S_OK, "{layout:?}");
+        assert_eq!(r.status, VIRTIO_BLK_S_OK as u8, "{layout:?}");
         assert!(r.data == data, "read-back with {layout:?}");
         assert_eq!(r.used_len, 12289, "{layout:?}");
         q.flush().unwrap().check().unwrap();
@@ -145,10 +151,10 @@ fn qsd_requests_in_every_layout() {
         );
     }
     let id = q.get_id().unwrap().check().unwrap();
-    assert_eq!(id.data.len(), BLK_ID_BYTES);
+    assert_eq!(id.data.len(), VIRTIO_BLK_ID_BYTES as usize);
 
     // Discard and write-zeroes within QSD's advertised limits.
-    assert_ne!(f & BLK_F_WRITE_ZEROES, 0);
+    assert_ne!(f & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
     assert!(cfg.max_write_zeroes_seg >= 1 && cfg.max_write_zeroes_sectors >= 8);
     q.write(4096, &[0xcc; 8192]).unwrap().check().unwrap();
     let seg = Segment {
@@ -160,7 +166,7 @@ fn qsd_requests_in_every_layout() {
     let r = q.read(4096, 8192).unwrap().check().unwrap();
     assert_eq!(r.data[..4096], [0u8; 4096]);
     assert_eq!(r.data[4096..], [0xccu8; 4096]);
-    if f & BLK_F_DISCARD != 0 {
+    if f & (1 << VIRTIO_BLK_F_DISCARD) != 0 {
         q.discard(&[Segment {
             sector: 4104,
             ..seg
@@ -170,7 +176,10 @@ fn qsd_requests_in_every_layout() {
         .unwrap();
     }
     // Past the end.
-    assert_eq!(q.read(cfg.capacity, 512).unwrap().status, BLK_S_IOERR);
+    assert_eq!(
+        q.read(cfg.capacity, 512).unwrap().status,
+        VIRTIO_BLK_S_IOERR as u8
+    );
 }
 
 #[test]
@@ -193,13 +202,13 @@ fn qsd_load_verify_and_reconnect() {
     assert_eq!(r.jobs[1].verified_pages, 4000, "{r}");
 
     // QSD serves the next frontend after one leaves; the data is in the file.
-    let mut dev = Device::connect(&qsd.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&qsd.socket, &opts(2)).unwrap();
     let q = dev.queue_mut(0).unwrap();
     q.write(8, &[0x42; 4096]).unwrap().check().unwrap();
     q.read(8, 4096).unwrap().check().unwrap();
     assert_eq!(dev.stop_queue(0).unwrap(), 2);
     dev.disconnect();
-    let mut dev = Device::connect(&qsd.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&qsd.socket, &opts(1)).unwrap();
     let c = dev
         .queue_mut(0)
         .unwrap()
@@ -212,7 +221,7 @@ fn qsd_load_verify_and_reconnect() {
     // QSD serves one frontend at a time: a second one is accepted by the kernel but gets no
     // answer, which the reply timeout turns into an error instead of a hang. (SET_OWNER needs
     // no reply before REPLY_ACK is negotiated, so GET_FEATURES is the first to wait.)
-    let err = Device::connect(
+    let err = Frontend::connect(
         &qsd.socket,
         &Options {
             reply_timeout: Some(Duration::from_millis(500)),

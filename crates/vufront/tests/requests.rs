@@ -5,6 +5,13 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vufront::ramdisk::RamdiskConfig;
 use vufront::*;
 
@@ -19,7 +26,7 @@ fn opts(queues: u16) -> Options {
 #[test]
 fn config_and_features_are_negotiated() {
     let s = serve_default();
-    let dev = Device::connect(&s.socket, &opts(2)).unwrap();
+    let dev = Frontend::connect(&s.socket, &opts(2)).unwrap();
     let c = dev.config();
     assert_eq!(c, &s.disk.blk_config());
     assert_eq!(dev.capacity(), 64 << 20);
@@ -27,12 +34,12 @@ fn config_and_features_are_negotiated() {
     assert_eq!(dev.max_queues(), 2);
     let f = dev.features();
     for bit in [
-        F_VERSION_1,
-        F_EVENT_IDX,
-        F_INDIRECT_DESC,
-        F_PROTOCOL_FEATURES,
-        BLK_F_FLUSH,
-        BLK_F_MQ,
+        (1 << VIRTIO_F_VERSION_1),
+        (1 << VIRTIO_RING_F_EVENT_IDX),
+        (1 << VIRTIO_RING_F_INDIRECT_DESC),
+        VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        (1 << VIRTIO_BLK_F_FLUSH),
+        (1 << VIRTIO_BLK_F_MQ),
     ] {
         assert_ne!(
             f & bit,
@@ -42,7 +49,7 @@ fn config_and_features_are_negotiated() {
             feature_names(bit)
         );
     }
-    assert_eq!(f & BLK_F_RO, 0);
+    assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(
         f & !dev.offered_features(),
         0,
@@ -57,8 +64,11 @@ fn refused_and_unoffered_features() {
         indirect: false,
         ..RamdiskConfig::default()
     });
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
-    assert_eq!(dev.features() & (F_EVENT_IDX | F_INDIRECT_DESC), 0);
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
+    assert_eq!(
+        dev.features() & ((1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+        0
+    );
     let mut q = dev.take_queue(0).unwrap();
     assert!(!q.event_idx());
     let err = q
@@ -70,10 +80,14 @@ fn refused_and_unoffered_features() {
 
     // A frontend that acks a feature nobody offered is refused at SET_FEATURES.
     let s = serve_default();
-    let err = Device::connect(
+    let err = Frontend::connect(
         &s.socket,
         &Options {
-            features_override: Some(F_VERSION_1 | F_PROTOCOL_FEATURES | (1 << 50)),
+            features_override: Some(
+                (1 << VIRTIO_F_VERSION_1)
+                    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                    | (1 << 50),
+            ),
             ..opts(1)
         },
     )
@@ -89,7 +103,7 @@ fn refused_and_unoffered_features() {
         "{err}"
     );
     // More queues than offered.
-    let err = Device::connect(&s.socket, &opts(3)).unwrap_err();
+    let err = Frontend::connect(&s.socket, &opts(3)).unwrap_err();
     assert!(matches!(err, Error::Invalid(_)), "{err}");
 }
 
@@ -98,7 +112,7 @@ fn connect_retries_until_the_backend_listens() {
     let dir = TempDir::new("late");
     let socket = dir.join("late.sock");
     let t = Instant::now();
-    let err = Device::connect(
+    let err = Frontend::connect(
         &socket,
         &Options {
             connect_timeout: Duration::from_millis(200),
@@ -115,7 +129,7 @@ fn connect_retries_until_the_backend_listens() {
         std::thread::sleep(Duration::from_millis(300));
         disk.serve(&sock2).unwrap()
     });
-    let mut dev = Device::connect(&socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&socket, &opts(1)).unwrap();
     dev.queue_mut(0).unwrap().flush().unwrap().check().unwrap();
     drop(dev);
     late.join().unwrap().stop();
@@ -127,7 +141,7 @@ fn a_silent_backend_fails_the_call_instead_of_hanging() {
     let socket = dir.join("silent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let t = Instant::now();
-    let err = Device::connect(
+    let err = Frontend::connect(
         &socket,
         &Options {
             reply_timeout: Some(Duration::from_millis(300)),
@@ -152,7 +166,7 @@ fn a_silent_backend_fails_the_call_instead_of_hanging() {
 #[test]
 fn data_survives_every_layout() {
     let s = serve_default();
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     let layouts = [
         Layout::default(),
@@ -184,7 +198,7 @@ fn data_survives_every_layout() {
             .unwrap();
         assert_eq!(
             (w.status, w.used_len),
-            (BLK_S_OK, 1),
+            (VIRTIO_BLK_S_OK as u8, 1),
             "write with {layout:?}"
         );
         let mut stored = vec![0u8; 8192];
@@ -201,7 +215,7 @@ fn data_survives_every_layout() {
             .unwrap();
         assert_eq!(
             (r.status, r.used_len),
-            (BLK_S_OK, 8193),
+            (VIRTIO_BLK_S_OK as u8, 8193),
             "read with {layout:?}"
         );
         assert!(r.data == data, "read-back differs with {layout:?}");
@@ -217,7 +231,7 @@ fn flush_get_id_discard_write_zeroes() {
         serial: "a-serial-longer-than-twenty-bytes".into(),
         ..RamdiskConfig::default()
     });
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     assert_eq!(q.flush().unwrap().used_len, 1);
     let id = q.get_id().unwrap().check().unwrap();
@@ -234,7 +248,7 @@ fn flush_get_id_discard_write_zeroes() {
         .unwrap()
         .check()
         .unwrap();
-    q.write_zeroes(&[seg(8, 1, BLK_WRITE_ZEROES_FLAG_UNMAP)])
+    q.write_zeroes(&[seg(8, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)])
         .unwrap()
         .check()
         .unwrap();
@@ -248,53 +262,59 @@ fn flush_get_id_discard_write_zeroes() {
     assert!(data == expect, "discarded / zeroed sectors");
 
     // Discard takes no flags; unknown write-zeroes flags are unsupported.
-    assert_eq!(q.discard(&[seg(0, 8, 1)]).unwrap().status, BLK_S_UNSUPP);
+    assert_eq!(
+        q.discard(&[seg(0, 8, 1)]).unwrap().status,
+        VIRTIO_BLK_S_UNSUPP as u8
+    );
     assert_eq!(
         q.write_zeroes(&[seg(0, 8, 2)]).unwrap().status,
-        BLK_S_UNSUPP
+        VIRTIO_BLK_S_UNSUPP as u8
     );
     // Past the end, and too many segments.
     let end = dev.capacity() / 512;
     assert_eq!(
         q.discard(&[seg(end - 1, 2, 0)]).unwrap().status,
-        BLK_S_IOERR
+        VIRTIO_BLK_S_IOERR as u8
     );
     let many: Vec<Segment> = (0..33).map(|i| seg(i * 8, 8, 0)).collect();
-    assert_eq!(q.discard(&many).unwrap().status, BLK_S_IOERR);
+    assert_eq!(q.discard(&many).unwrap().status, VIRTIO_BLK_S_IOERR as u8);
 }
 
 #[test]
 fn bad_requests_get_error_statuses() {
     let s = serve_default();
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     let cap = dev.capacity() / 512;
     let mut q = dev.take_queue(0).unwrap();
     let before = s.disk.stats();
     assert_eq!(
         q.read(cap, 512).unwrap().status,
-        BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR as u8,
         "past the end"
     );
     assert_eq!(
         q.read(cap - 1, 1024).unwrap().status,
-        BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR as u8,
         "crosses the end"
     );
     assert_eq!(
         q.read(u64::MAX / 256, 512).unwrap().status,
-        BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR as u8,
         "overflow"
     );
     assert_eq!(
         q.read(0, 100).unwrap().status,
-        BLK_S_IOERR,
+        VIRTIO_BLK_S_IOERR as u8,
         "not whole sectors"
     );
-    assert_eq!(q.write(0, &[1; 100]).unwrap().status, BLK_S_IOERR);
+    assert_eq!(
+        q.write(0, &[1; 100]).unwrap().status,
+        VIRTIO_BLK_S_IOERR as u8
+    );
     let r = q
         .execute(&Request::new(77, 0), Duration::from_secs(5))
         .unwrap();
-    assert_eq!((r.status, r.used_len), (BLK_S_UNSUPP, 1));
+    assert_eq!((r.status, r.used_len), (VIRTIO_BLK_S_UNSUPP as u8, 1));
     let after = s.disk.stats();
     assert_eq!(after.ioerr - before.ioerr, 5);
     assert_eq!(after.unsupp - before.unsupp, 1);
@@ -307,11 +327,14 @@ fn bad_requests_get_error_statuses() {
         readonly: true,
         ..RamdiskConfig::default()
     });
-    let mut dev = Device::connect(&ro.socket, &opts(1)).unwrap();
-    assert_ne!(dev.features() & BLK_F_RO, 0);
+    let mut dev = Frontend::connect(&ro.socket, &opts(1)).unwrap();
+    assert_ne!(dev.features() & (1 << VIRTIO_BLK_F_RO), 0);
     let q = dev.queue_mut(0).unwrap();
-    assert_eq!(q.write(0, &[1; 512]).unwrap().status, BLK_S_IOERR);
-    assert_eq!(q.read(0, 512).unwrap().status, BLK_S_OK);
+    assert_eq!(
+        q.write(0, &[1; 512]).unwrap().status,
+        VIRTIO_BLK_S_IOERR as u8
+    );
+    assert_eq!(q.read(0, 512).unwrap().status, VIRTIO_BLK_S_OK as u8);
 }
 
 /// Many requests in flight on one queue, completed out of a single kick, in both
@@ -321,7 +344,7 @@ fn bad_requests_get_error_statuses() {
 fn queue_depth_and_no_lost_wakeups() {
     for event_idx in [true, false] {
         let s = serve_default();
-        let mut dev = Device::connect(
+        let mut dev = Frontend::connect(
             &s.socket,
             &Options {
                 event_idx,
@@ -370,7 +393,7 @@ fn queues_run_in_parallel() {
         num_queues: 4,
         ..RamdiskConfig::default()
     });
-    let mut dev = Device::connect(&s.socket, &opts(4)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(4)).unwrap();
     let queues = dev.take_queues();
     assert_eq!(queues.len(), 4);
     std::thread::scope(|sc| {
@@ -394,7 +417,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
     let s = serve_default();
     let data = pattern(4096 * 3, 9);
 
-    let mut dev = Device::connect(&s.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(2)).unwrap();
     let q = dev.queue_mut(0).unwrap();
     q.write(100, &data).unwrap().check().unwrap();
     q.flush().unwrap().check().unwrap();
@@ -403,7 +426,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
     dev.disconnect();
 
     // A new frontend, fresh rings: the store outlived the connection.
-    let mut dev = Device::connect(&s.socket, &opts(2)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(2)).unwrap();
     let c = dev.queue_mut(1).unwrap().read(100, 4096 * 3).unwrap();
     assert!(c.check().unwrap().data == data);
     assert!(eventually(Duration::from_secs(2), || s
@@ -414,7 +437,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
     // Resume: same memory and rings on a third connection, base from GET_VRING_BASE.
     let mem = GuestMem::with_size(8 << 20).unwrap();
     drop(dev);
-    let mut dev = Device::connect_with_memory(&s.socket, &opts(1), mem.clone()).unwrap();
+    let mut dev = Frontend::connect_with_memory(&s.socket, &opts(1), mem.clone()).unwrap();
     let mut q = dev.take_queue(0).unwrap();
     for i in 0..5 {
         q.write(i * 8, &[i as u8; 4096]).unwrap().check().unwrap();
@@ -422,7 +445,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
     let base = dev.stop_queue(0).unwrap();
     assert_eq!(base, 5);
     drop(dev);
-    let mut dev = Device::connect_with_memory(
+    let mut dev = Frontend::connect_with_memory(
         &s.socket,
         &Options {
             num_queues: 0,
@@ -450,7 +473,7 @@ fn reconnect_with_fresh_rings_and_with_resumed_rings() {
         "{err}"
     );
     drop(dev);
-    let mut dev = Device::connect(&s.socket, &opts(1)).unwrap();
+    let mut dev = Frontend::connect(&s.socket, &opts(1)).unwrap();
     dev.queue_mut(0).unwrap().flush().unwrap().check().unwrap();
 }
 
@@ -477,7 +500,7 @@ fn memory_with_a_gap_handed_over_per_region() {
             ..opts(1)
         };
         let mem2 = GuestMem::new(mem.regions()).unwrap();
-        let mut dev = Device::connect_with_memory(&s.socket, &o, mem2).unwrap();
+        let mut dev = Frontend::connect_with_memory(&s.socket, &o, mem2).unwrap();
         let q = dev.queue_mut(0).unwrap();
         assert!(q.used_gpa() < 0x10_3000);
         let data = pattern(8192, 77);
@@ -489,7 +512,7 @@ fn memory_with_a_gap_handed_over_per_region() {
         );
         q.notify().unwrap();
         let c = q.complete(Duration::from_secs(5)).unwrap().remove(0);
-        assert_eq!((c.tag, c.status), (tag, BLK_S_OK));
+        assert_eq!((c.tag, c.status), (tag, VIRTIO_BLK_S_OK as u8));
         assert!(
             q.read(0, 8192).unwrap().data == data,
             "add_mem_reg {add_mem_reg}"

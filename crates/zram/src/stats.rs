@@ -23,10 +23,6 @@ pub(crate) struct Counters {
     pub bd_count: AtomicU64,
     pub bd_reads: AtomicU64,
     pub bd_writes: AtomicU64,
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub read_bytes: AtomicU64,
-    pub write_bytes: AtomicU64,
     pub writeback_limit: AtomicU64,
     /// 0 or 1 (an integer: the counters may live in a file, where a bool could be anything).
     pub writeback_limit_enable: AtomicU64,
@@ -105,11 +101,6 @@ pub struct Stats {
     pub mm_stat: MmStat,
     pub io_stat: IoStat,
     pub bd_stat: BdStat,
-    /// Successful read and write requests (pages or partial pages) and their bytes.
-    pub reads: u64,
-    pub writes: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
 }
 
 /// The store's allocator: how much it holds and how full its tables are.

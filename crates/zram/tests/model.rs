@@ -131,9 +131,6 @@ struct Model {
     /// Whether the device holds an entry for the page (written and not discarded).
     stored: Vec<bool>,
     invalid_io: u64,
-    reads: u64,
-    writes: u64,
-    write_bytes: u64,
     bd_writes: u64,
 }
 
@@ -142,12 +139,6 @@ impl Model {
         let at = i as usize * PAGE_SIZE;
         &self.disk[at..at + PAGE_SIZE]
     }
-}
-
-/// Pages touched by a byte range.
-fn pages_touched(offset: u64, len: u64) -> u64 {
-    let ps = PAGE_SIZE as u64;
-    (offset + len).div_ceil(ps) - offset / ps
 }
 
 fn check_stats(dev: &Device, m: &Model) -> Result<(), TestCaseError> {
@@ -171,9 +162,6 @@ fn check_stats(dev: &Device, m: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(s.io_stat.invalid_io, m.invalid_io, "invalid_io");
     prop_assert_eq!(s.io_stat.failed_reads, 0);
     prop_assert_eq!(s.io_stat.failed_writes, 0);
-    prop_assert_eq!(s.reads, m.reads, "reads");
-    prop_assert_eq!(s.writes, m.writes, "writes");
-    prop_assert_eq!(s.write_bytes, m.write_bytes, "write_bytes");
     prop_assert_eq!(s.bd_stat.bd_writes, m.bd_writes, "bd_writes");
     Ok(())
 }
@@ -187,8 +175,6 @@ fn run_op(dev: &Device, m: &mut Model, st: &mut Stream, op: &Op) -> Result<(), T
             let at = index as usize * PAGE_SIZE;
             m.disk[at..at + PAGE_SIZE].copy_from_slice(&p);
             m.stored[index as usize] = true;
-            m.writes += 1;
-            m.write_bytes += ps;
         }
         Op::Write {
             sector,
@@ -203,14 +189,11 @@ fn run_op(dev: &Device, m: &mut Model, st: &mut Stream, op: &Op) -> Result<(), T
             for i in offset / ps..(offset + len).div_ceil(ps) {
                 m.stored[i as usize] = true;
             }
-            m.writes += pages_touched(offset, len);
-            m.write_bytes += len;
         }
         Op::ReadPage { index } => {
             let mut p = [0u8; PAGE_SIZE];
             dev.read_page(index, &mut p, st).expect("read_page");
             prop_assert!(p[..] == *m.page(index), "page {} differs", index);
-            m.reads += 1;
         }
         Op::Read { sector, sectors } => {
             let (offset, len) = (sector * SECTOR, sectors * SECTOR);
@@ -222,7 +205,6 @@ fn run_op(dev: &Device, m: &mut Model, st: &mut Stream, op: &Op) -> Result<(), T
                 len,
                 offset
             );
-            m.reads += pages_touched(offset, len);
         }
         Op::Discard { first, count } | Op::WriteZeroes { first, count } => {
             if matches!(op, Op::Discard { .. }) {
@@ -310,9 +292,6 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         disk: vec![0; PAGES as usize * PAGE_SIZE],
         stored: vec![false; PAGES as usize],
         invalid_io: 0,
-        reads: 0,
-        writes: 0,
-        write_bytes: 0,
         bd_writes: 0,
     };
     for (n, op) in ops.iter().enumerate() {

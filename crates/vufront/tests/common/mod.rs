@@ -37,19 +37,19 @@ impl Drop for TempDir {
 }
 
 /// A ramdisk served on a fresh socket.
-pub struct Served {
+pub struct ServedRamdisk {
     pub disk: Ramdisk,
     pub server: RamdiskServer,
     pub socket: PathBuf,
     _dir: TempDir,
 }
 
-pub fn serve(cfg: RamdiskConfig) -> Served {
+pub fn serve(cfg: RamdiskConfig) -> ServedRamdisk {
     let dir = TempDir::new("rd");
     let socket = dir.join("blk.sock");
     let disk = Ramdisk::new(cfg).unwrap();
     let server = disk.serve(&socket).unwrap();
-    Served {
+    ServedRamdisk {
         disk,
         server,
         socket,
@@ -57,7 +57,7 @@ pub fn serve(cfg: RamdiskConfig) -> Served {
     }
 }
 
-pub fn serve_default() -> Served {
+pub fn serve_default() -> ServedRamdisk {
     serve(RamdiskConfig::default())
 }
 

@@ -10,11 +10,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use vhost::vhost_user::VhostUserVirtioFeatures;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{Frontend as VhostFrontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 /// How to connect and what to negotiate.
 #[derive(Clone, Debug)]
@@ -23,7 +26,7 @@ pub struct Options {
     pub num_queues: u16,
     /// Entries per queue (a power of two).
     pub queue_size: u16,
-    /// Guest memory size for [`Device::connect`] (one region at [`crate::DEFAULT_GUEST_BASE`]).
+    /// Guest memory size for [`Frontend::connect`] (one region at [`crate::DEFAULT_GUEST_BASE`]).
     pub mem_size: u64,
     /// Acknowledge `VIRTIO_RING_F_EVENT_IDX` if offered.
     pub event_idx: bool,
@@ -69,12 +72,13 @@ impl Default for Options {
     }
 }
 
-/// A connected vhost-user-blk device.
+/// The frontend's end of one vhost-user-blk connection: what QEMU does for a vhost-user-blk
+/// device, without a VM.
 ///
-/// Dropping it (or [`Device::disconnect`]) closes the socket; queues taken out of it stay
+/// Dropping it (or [`Frontend::disconnect`]) closes the socket; queues taken out of it stay
 /// usable as ring memory and can be attached to a later connection with
-/// [`Device::attach_queue`].
-pub struct Device {
+/// [`Frontend::attach_queue`].
+pub struct Frontend {
     session: Session,
     /// A duplicate of the vhost-user socket that queues watch for the backend hanging up
     /// (they hold it weakly: dropping the device still closes the connection).
@@ -91,9 +95,9 @@ pub struct Device {
     queues: Vec<Option<Queue>>,
 }
 
-impl fmt::Debug for Device {
+impl fmt::Debug for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Device")
+        f.debug_struct("Frontend")
             .field("socket", &self.socket)
             .field("features", &feature_names(self.acked))
             .field(
@@ -130,11 +134,11 @@ pub(crate) fn connect_socket(path: &Path, timeout: Duration) -> Result<UnixStrea
     }
 }
 
-impl Device {
+impl Frontend {
     /// Connects with fresh guest memory of `opts.mem_size` bytes.
-    pub fn connect(path: impl AsRef<Path>, opts: &Options) -> Result<Device> {
+    pub fn connect(path: impl AsRef<Path>, opts: &Options) -> Result<Frontend> {
         let mem = GuestMem::with_size(opts.mem_size)?;
-        Device::connect_with_memory(path, opts, mem)
+        Frontend::connect_with_memory(path, opts, mem)
     }
 
     /// Connects and negotiates, hands `mem` to the backend and sets up `opts.num_queues` queues
@@ -147,7 +151,7 @@ impl Device {
         path: impl AsRef<Path>,
         opts: &Options,
         mem: Arc<GuestMem>,
-    ) -> Result<Device> {
+    ) -> Result<Frontend> {
         let path = path.as_ref();
         let stream = connect_socket(path, opts.connect_timeout)?;
         let peer = Arc::new(OwnedFd::from(stream.try_clone()?));
@@ -159,12 +163,12 @@ impl Device {
 
         fe.call("SET_OWNER", |f| f.set_owner())?;
         let offered = fe.call("GET_FEATURES", |f| f.get_features())?;
-        if offered & F_VERSION_1 == 0 {
+        if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(Error::MissingFeature("VIRTIO_F_VERSION_1"));
         }
 
         let (mut protocol_offered, mut protocol_acked) = (0, 0);
-        if offered & F_PROTOCOL_FEATURES != 0 {
+        if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let p = fe.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
             let mut want = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
@@ -204,10 +208,10 @@ impl Device {
 
         let mut mask = opts.feature_mask;
         if !opts.event_idx {
-            mask &= !F_EVENT_IDX;
+            mask &= !(1 << VIRTIO_RING_F_EVENT_IDX);
         }
         if !opts.indirect {
-            mask &= !F_INDIRECT_DESC;
+            mask &= !(1 << VIRTIO_RING_F_INDIRECT_DESC);
         }
         let acked = opts.features_override.unwrap_or(offered & mask);
         fe.call("SET_FEATURES", |f| f.set_features(acked))?;
@@ -226,7 +230,7 @@ impl Device {
             fe.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
         }
 
-        let mut dev = Device {
+        let mut dev = Frontend {
             session: fe,
             peer,
             socket: path.to_path_buf(),
@@ -263,9 +267,9 @@ impl Device {
                 "the queue lives in another guest memory than the device's".into(),
             ));
         }
-        q.set_event_idx(self.acked & F_EVENT_IDX != 0);
+        q.set_event_idx(self.acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         q.set_peer(Arc::downgrade(&self.peer));
-        q.set_indirect(self.acked & F_INDIRECT_DESC != 0);
+        q.set_indirect(self.acked & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0);
         let i = q.index() as usize;
         let fe = &mut self.session;
         fe.call("SET_VRING_NUM", |f| f.set_vring_num(i, q.size()))?;
@@ -282,7 +286,7 @@ impl Device {
         fe.call("SET_VRING_BASE", |f| f.set_vring_base(i, base))?;
         fe.call("SET_VRING_CALL", |f| f.set_vring_call(i, q.call_fd()))?;
         fe.call("SET_VRING_KICK", |f| f.set_vring_kick(i, q.kick_fd()))?;
-        if self.acked & F_PROTOCOL_FEATURES != 0 {
+        if self.acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             fe.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
         }
         Ok(())
@@ -378,7 +382,7 @@ impl Device {
 
     /// The vhost crate's frontend, for messages this type has no method for (not covered by
     /// the reply timeout).
-    pub fn frontend(&mut self) -> &mut Frontend {
+    pub fn frontend(&mut self) -> &mut VhostFrontend {
         &mut self.session.fe
     }
 
@@ -397,7 +401,7 @@ fn read_config(fe: &mut Session, len: u32) -> Result<BlkConfig> {
 /// The frontend plus a watchdog that shuts the socket down when a request outlives the reply
 /// timeout. (A socket read timeout does not work: the vhost crate retries EAGAIN in a loop.)
 struct Session {
-    fe: Frontend,
+    fe: VhostFrontend,
     timeout: Option<Duration>,
     dog: Option<Arc<Watchdog>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -459,7 +463,7 @@ impl Session {
             None => (None, None),
         };
         Ok(Session {
-            fe: Frontend::from_stream(stream, max_queues),
+            fe: VhostFrontend::from_stream(stream, max_queues),
             timeout,
             dog,
             thread,
@@ -469,7 +473,7 @@ impl Session {
     fn call<T>(
         &mut self,
         op: &'static str,
-        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+        f: impl FnOnce(&mut VhostFrontend) -> vhost::Result<T>,
     ) -> Result<T> {
         let start = Instant::now();
         if let (Some(dog), Some(t)) = (&self.dog, self.timeout) {

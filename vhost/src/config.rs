@@ -2,9 +2,9 @@
 //! ([`Config`], every default written once, beside its flag), and building the store and
 //! devices from it.
 
-use crate::blk::{BlkGeometry, PAGE_SIZE};
+use crate::blk::{ConfigSpace, PAGE_SIZE};
 use crate::control::ServerConfig;
-use crate::served::Served;
+use crate::device::BlkDevice;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,9 +13,9 @@ use std::time::Duration;
 /// Most queues a device offers: QEMU's default `num-queues` is the VM's vCPU count, so offer
 /// plenty. Worker threads idle on an eventfd until their queue is used; streams are made
 /// lazily.
-pub const DEFAULT_NUM_QUEUES: u16 = 16;
+const DEFAULT_NUM_QUEUES: u16 = 16;
 /// The vhost-user backend library maps queues to threads with a 64-bit mask.
-pub const MAX_NUM_QUEUES: u16 = 64;
+const MAX_NUM_QUEUES: u16 = 64;
 
 #[derive(Debug, Args)]
 #[command(after_long_help = SERVE_EXAMPLES)]
@@ -276,9 +276,9 @@ fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
 
 /// What `serve` builds: one store and the devices on it.
 #[derive(Debug)]
-pub struct Built {
+pub struct StoreAndDevices {
     pub store: Arc<zram::Store>,
-    pub devices: Vec<(Arc<Served>, BlkGeometry)>,
+    pub devices: Vec<(Arc<BlkDevice>, ConfigSpace)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -481,7 +481,7 @@ fn group_id(what: &str, name: Option<&str>) -> Result<Option<u32>, BuildError> {
 }
 
 /// The default control socket: `vzram.ctl` beside the first device socket.
-pub fn default_control_path(first_socket: &Path) -> PathBuf {
+fn default_control_path(first_socket: &Path) -> PathBuf {
     first_socket
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -502,7 +502,7 @@ impl Config {
     }
 
     /// Builds the shared store and the devices (and opens their backing files).
-    pub fn build(&self) -> Result<Built, BuildError> {
+    pub fn build(&self) -> Result<StoreAndDevices, BuildError> {
         // A state's backing files hold its written-back pages: they are its own to reuse.
         let attaching = self
             .state_dir
@@ -569,7 +569,7 @@ impl Config {
         };
         let mut devices = Vec::new();
         for (d, device) in self.devices.iter().zip(zdevices) {
-            let served = Served::new(
+            let served = BlkDevice::new(
                 d.name.clone(),
                 d.socket.clone(),
                 Arc::new(device),
@@ -577,7 +577,7 @@ impl Config {
                 d.readonly,
                 d.serial.clone(),
             );
-            let blk = BlkGeometry {
+            let blk = ConfigSpace {
                 size: d.size,
                 blk_size: d.blk_size,
                 num_queues: d.num_queues,
@@ -585,7 +585,7 @@ impl Config {
             };
             devices.push((served, blk));
         }
-        Ok(Built { store, devices })
+        Ok(StoreAndDevices { store, devices })
     }
 }
 
