@@ -35,7 +35,7 @@ fn content(p: u64, v: u64) -> Vec<u8> {
 fn connect(sock: &Path) -> Frontend {
     let opts = Options {
         mem_size: 4 << 20,
-        connect_timeout: TIMEOUT,
+        connect_timeout: Duration::from_secs(20),
         reply_timeout: Some(TIMEOUT),
         ..Options::default()
     };
@@ -97,6 +97,7 @@ fn every_acknowledged_write_survives_sigkill_of_the_daemon() {
     let mut version = 0u64;
     let rounds = 50;
     let mut mid_write = 0;
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel();
     for round in 0..rounds {
         let daemon = KillOnDrop(Daemon::start(
             &args(&dir.0),
@@ -112,9 +113,11 @@ fn every_acknowledged_write_survives_sigkill_of_the_daemon() {
             let state = state.clone();
             let sock = sock.clone();
             let first = version;
+            let connected = connected_tx.clone();
             std::thread::spawn(move || {
                 let mut dev = connect(&sock);
                 let mut q = dev.take_queue(0).unwrap();
+                let _ = connected.send(());
                 let mut v = first;
                 loop {
                     v += 1;
@@ -134,6 +137,13 @@ fn every_acknowledged_write_survives_sigkill_of_the_daemon() {
                 }
             })
         };
+        // The kill lands while the writer is at work, however slow the machine.
+        if connected_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!(
+                "round {round}: the writer never connected; log:\n{}",
+                daemon.0.log_text()
+            );
+        }
         std::thread::sleep(Duration::from_millis(30 + (round as u64 * 37) % 150));
         daemon.0.kill();
         version = writer.join().unwrap() + 1;
