@@ -114,19 +114,18 @@ impl Device {
             .as_deref()
             .map(|p| Backing::open(p, pages))
             .transpose()?;
-        Ok(Device {
-            slots: Region::reserve(pages as usize).map_err(Error::Io)?,
-            pages,
+        Ok(Device::attach(
             store,
             comp,
+            Region::reserve(pages as usize).map_err(Error::Io)?,
+            Region::reserve(1).map_err(Error::Io)?,
             backing,
-            counters: Region::reserve(1).map_err(Error::Io)?,
-            born: Instant::now(),
-        })
+            Instant::now(),
+        ))
     }
 
-    /// A device over a slot table and counters that already exist (a state directory's
-    /// files). The caller recovers them first ([`crate::state`]).
+    /// A device over a slot table and counters: fresh ones, or a state directory's files,
+    /// which the caller recovers first ([`crate::state`]).
     pub(crate) fn attach(
         store: Arc<Store>,
         comp: Arc<Comp>,
@@ -354,15 +353,14 @@ impl Device {
     /// zram's io_stat failures. Successful I/O is counted by the block layer above (the
     /// daemon's per-queue counters), as the kernel's block layer counts it for zram.
     fn count_io<T>(&self, r: &Result<T, Error>, write: bool) {
-        let c = self.counters();
-        match (r.is_ok(), write) {
-            (true, _) => {}
-            (false, false) => {
-                c.failed_reads.fetch_add(1, Relaxed);
-            }
-            (false, true) => {
-                c.failed_writes.fetch_add(1, Relaxed);
-            }
+        if r.is_err() {
+            let c = self.counters();
+            let failed = if write {
+                &c.failed_writes
+            } else {
+                &c.failed_reads
+            };
+            failed.fetch_add(1, Relaxed);
         }
     }
 

@@ -283,7 +283,8 @@ enum Fs {
 fn file_system(dir: &Path) -> Result<Fs, Error> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| err(dir, "path contains a NUL byte"))?;
-    let mut st: libc::statfs = unsafe_zeroed_statfs();
+    // SAFETY: statfs is a plain C struct of integers, for which all-zero is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: statfs writes into the struct we pass, which is valid for writes; c is a valid
     // NUL-terminated path.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
@@ -299,11 +300,6 @@ fn file_system(dir: &Path) -> Result<Fs, Error> {
         HUGETLBFS => Fs::Hugetlb,
         _ => Fs::Disk,
     })
-}
-
-fn unsafe_zeroed_statfs() -> libc::statfs {
-    // SAFETY: statfs is a plain C struct of integers, for which all-zero is valid.
-    unsafe { std::mem::zeroed() }
 }
 
 /// Opens the store and devices kept in `dir`, creating the state if `dir` holds none.

@@ -742,13 +742,13 @@ mod tests {
         .unwrap()
     }
 
-    fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    pub(super) fn pattern(seed: u32, len: usize) -> Vec<u8> {
         (0..len)
             .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u32 * 7) >> 1) as u8)
             .collect()
     }
 
-    fn read(pool: &Pool, h: Handle) -> Vec<u8> {
+    pub(super) fn read(pool: &Pool, h: Handle) -> Vec<u8> {
         let mut local = [0u8; PAGE_SIZE];
         pool.read_begin(h, &mut local).to_vec()
     }

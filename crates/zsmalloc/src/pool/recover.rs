@@ -191,6 +191,7 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{pattern, read};
     use super::*;
     use crate::PAGE_SIZE;
     use proptest::prelude::*;
@@ -228,17 +229,6 @@ mod tests {
             handles: f(),
             offset: PAGE_SIZE as u64,
         }
-    }
-
-    fn pattern(seed: u32, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|i| (seed.wrapping_mul(0x9E37_79B9).wrapping_add(i as u32 * 13) >> 7) as u8)
-            .collect()
-    }
-
-    fn read(pool: &Pool, h: Handle) -> Vec<u8> {
-        let mut local = [0u8; PAGE_SIZE];
-        pool.read_begin(h, &mut local).to_vec()
     }
 
     fn check(pool: &Pool, model: &BTreeMap<Handle, (u32, usize)>) {
