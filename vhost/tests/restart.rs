@@ -261,7 +261,8 @@ fn discarded_pages_leave_the_state_files_and_the_daemon() {
     )
     .and_then(|c| c.check())
     .unwrap();
-    // A small cache of freed pages (256, 1 MiB) may stay.
+    // A small cache of freed pages (256, 1 MiB) may stay, and the batch of fresh pages the
+    // pool faults in ahead of use (at most 64, 256 KiB).
     let (rss2, file2) = (daemon.0.rss_kib(), blocks());
     assert!(
         file2 <= file0 + (3 << 20) / 2,

@@ -226,6 +226,25 @@ impl<T: Zeroable> Region<T> {
         debug_assert_eq!(rc, 0, "discard: {}", io::Error::last_os_error());
     }
 
+    /// Faults entries `first..first + n` in now, as a write would, in one call
+    /// (`MADV_POPULATE_WRITE`), so that their first use does not pay a page fault each. Their
+    /// contents do not change. Best effort: returns false where the kernel has no
+    /// `MADV_POPULATE_WRITE` (before 5.14), which changes nothing but speed.
+    pub fn populate(&self, first: usize, n: usize) -> bool {
+        assert!(first + n <= self.cap);
+        let size = std::mem::size_of::<T>();
+        // SAFETY: the range is inside our own mapping (asserted above); populating allocates
+        // the backing pages (zeroed, or those already there) without changing any byte.
+        let rc = unsafe {
+            libc::madvise(
+                self.base.as_ptr().add(first).cast(),
+                n * size,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        rc == 0
+    }
+
     /// How many of the first `n` entries' bytes are resident, in 4 KiB pages (mincore).
     pub fn resident_pages(&self, n: usize) -> usize {
         let bytes = (n * std::mem::size_of::<T>()).div_ceil(PAGE_SIZE) * PAGE_SIZE;
