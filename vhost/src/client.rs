@@ -2,6 +2,7 @@
 //! control socket (see [`crate::control::proto`] for the protocol).
 
 use crate::control::proto::*;
+use crate::prometheus;
 use crate::table::{self, human_size};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -78,6 +79,14 @@ impl ControlArgs {
     }
 }
 
+/// How `vzram stat` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatFormat {
+    Text,
+    Json,
+    Prometheus,
+}
+
 /// The subcommands that control a running daemon. Each sends its command (the arguments are
 /// the command's own fields, see [`crate::control::proto`]) and prints the reply.
 #[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand)]
@@ -90,8 +99,12 @@ pub enum ClientCommand {
     /// each device zram's mm_stat, io_stat and bd_stat fields under zram's names, the
     /// requests each queue served, and the store's memory limit and high-water mark.
     Stat {
-        /// Print the daemon's answer as JSON instead
-        #[arg(long)]
+        /// How to print: `text` (the table), `json` (the daemon's answer as it is), or
+        /// `prometheus` (text exposition format, for node_exporter's textfile collector)
+        #[arg(long, value_enum, default_value_t = StatFormat::Text)]
+        format: StatFormat,
+        /// Short for --format json
+        #[arg(long, conflicts_with = "format")]
         json: bool,
         #[command(flatten)]
         conn: ControlArgs,
@@ -256,14 +269,16 @@ pub fn run(cmd: ClientCommand) -> Result<(), ClientError> {
 /// [`run`], printing to `out`.
 pub fn run_to(cmd: ClientCommand, out: &mut dyn Write) -> Result<(), ClientError> {
     let text = match cmd {
-        ClientCommand::Stat { json, conn } => {
+        ClientCommand::Stat { format, json, conn } => {
             let r = conn.connect()?.call(&Stat {})?;
-            if json {
-                let mut s = serde_json::to_string_pretty(&r).expect("replies serialise");
-                s.push('\n');
-                s
-            } else {
-                table::render(&r)
+            match if json { StatFormat::Json } else { format } {
+                StatFormat::Text => table::render(&r),
+                StatFormat::Json => {
+                    let mut s = serde_json::to_string_pretty(&r).expect("replies serialise");
+                    s.push('\n');
+                    s
+                }
+                StatFormat::Prometheus => prometheus::render(&r),
             }
         }
         ClientCommand::Compact(c) => c.run()?,
@@ -408,7 +423,7 @@ mod tests {
         Main::command().debug_assert();
         let m = Main::try_parse_from(["vzram", "stat", "--json", "--control", "/x.ctl"]).unwrap();
         match m.command {
-            Command::Client(ClientCommand::Stat { json, conn }) => {
+            Command::Client(ClientCommand::Stat { json, conn, .. }) => {
                 assert!(json);
                 assert_eq!(conn.path(), PathBuf::from("/x.ctl"));
             }

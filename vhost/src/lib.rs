@@ -52,6 +52,7 @@ mod counters;
 mod daemon;
 mod device;
 mod fault;
+mod prometheus;
 mod ratelimit;
 mod request;
 mod table;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 use vzram::BlkDevice;
-use vzram::client::{Call, Client, ClientCommand, ClientError, ControlArgs, run_to};
+use vzram::client::{Call, Client, ClientCommand, ClientError, ControlArgs, StatFormat, run_to};
 use vzram::control::{
     Compact, ControlError, ControlHandle, Devices, Idle, MemLimit, PageType, Recompress,
     RecompressDevice, ResetMemUsedMax, Server, ServerConfig, Stat, StatReply, Writeback,
@@ -304,6 +304,7 @@ fn stat_matches_the_devices() {
 
     // The table and the JSON the `vzram stat` command prints.
     let text = printed(ClientCommand::Stat {
+        format: StatFormat::Text,
         json: false,
         conn: f.conn(),
     });
@@ -318,7 +319,25 @@ fn stat_matches_the_devices() {
         "{text}"
     );
     assert!(text.contains("mem_limit 64M"), "{text}");
+    // What node_exporter's textfile collector reads.
+    let prom = printed(ClientCommand::Stat {
+        format: StatFormat::Prometheus,
+        json: false,
+        conn: f.conn(),
+    });
+    assert!(
+        prom.contains(&format!(
+            "vzram_orig_data_size_bytes{{device=\"vz0\"}} {}\n",
+            d0.mm_stat.orig_data_size
+        )),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("vzram_store_mem_limit_bytes 67108864\n"),
+        "{prom}"
+    );
     let out = printed(ClientCommand::Stat {
+        format: StatFormat::Text,
         json: true,
         conn: f.conn(),
     });
@@ -918,6 +937,7 @@ fn idle_clients_do_not_lock_the_operator_out() {
     assert!(took < Duration::from_secs(2), "stat took {took:?}");
     assert!(
         printed(ClientCommand::Stat {
+            format: StatFormat::Text,
             json: false,
             conn: f.conn()
         })
