@@ -156,6 +156,8 @@ pub struct DeviceSpec {
     pub blk_size: Option<u32>,
     pub num_queues: Option<u16>,
     pub socket_group: Option<String>,
+    /// `mem-limit=`: the device's own memory limit in bytes, inside the store's.
+    pub mem_limit: Option<u64>,
 }
 
 impl DeviceSpec {
@@ -171,6 +173,7 @@ impl DeviceSpec {
             blk_size: None,
             num_queues: None,
             socket_group: None,
+            mem_limit: None,
         }
     }
 }
@@ -250,6 +253,10 @@ fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
             "serial" => spec.serial = Some(parse_serial(value)?),
             "backing-file" => spec.backing_file = Some(PathBuf::from(need(value)?)),
             "socket-group" => spec.socket_group = Some(need(value)?),
+            "mem-limit" => {
+                spec.mem_limit =
+                    Some(zram::parse_size(value).map_err(|e| format!("mem-limit: {e}"))?)
+            }
             "blk-size" => spec.blk_size = Some(parse_blk_size(value)?),
             "num-queues" => {
                 spec.num_queues = Some(
@@ -264,7 +271,7 @@ fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown key {key:?} (known: socket, size, name, readonly, serial, backing-file, blk-size, num-queues, socket-group)"
+                    "unknown key {key:?} (known: socket, size, name, readonly, serial, backing-file, blk-size, num-queues, socket-group, mem-limit)"
                 ));
             }
         }
@@ -358,6 +365,8 @@ pub struct DeviceConfig {
     pub num_queues: u16,
     /// The group the socket is given to (`socket-group=` or `--socket-group`), as an id.
     pub socket_group: Option<u32>,
+    /// The device's own memory limit in bytes (`mem-limit=`); 0 = only the store's.
+    pub mem_limit: u64,
 }
 
 /// `vzram serve`'s configuration, resolved and checked once from the arguments: every device
@@ -417,6 +426,7 @@ impl TryFrom<&ServeArgs> for Config {
                     backing_file: spec.backing_file.or_else(|| args.backing_file.clone()),
                     blk_size: spec.blk_size.unwrap_or(args.blk_size),
                     num_queues: spec.num_queues.unwrap_or(args.num_queues),
+                    mem_limit: spec.mem_limit.unwrap_or(0),
                 })
             })
             .collect::<Result<_, BuildError>>()?;
@@ -596,9 +606,10 @@ mod tests {
     #[test]
     fn device_spec_parses_every_key() {
         let d = parse_device_spec(
-            "socket=/tmp/a.sock,size=1G,name=vm1,readonly,serial=abc,backing-file=/tmp/b,blk-size=512,num-queues=4,socket-group=kvm",
+            "socket=/tmp/a.sock,size=1G,name=vm1,readonly,serial=abc,backing-file=/tmp/b,blk-size=512,num-queues=4,socket-group=kvm,mem-limit=1.5G",
         )
         .unwrap();
+        assert_eq!(d.mem_limit, Some(3 << 29));
         assert_eq!(d.socket_group.as_deref(), Some("kvm"));
         assert_eq!(d.socket, PathBuf::from("/tmp/a.sock"));
         assert_eq!(d.size, 1 << 30);
@@ -617,6 +628,7 @@ mod tests {
             ("socket=/a,size=1000", "multiple of 4 KiB"),
             ("socket=/a,size=1G,colour=red", "unknown key \"colour\""),
             ("socket=/a,size=1G,num-queues=0", "num-queues=0"),
+            ("socket=/a,size=1G,mem-limit=lots", "mem-limit: size \"lots\""),
             ("socket=,size=1G", "socket= needs a value"),
             (
                 "socket=/a,size=1G,serial=123456789012345678901",
