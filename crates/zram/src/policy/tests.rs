@@ -458,6 +458,27 @@ fn a_device_above_its_own_limit_is_drained_to_its_low_mark_alone() {
     assert!(reclaims(&f.calls()).iter().all(|&d| d == a));
 }
 
+#[test]
+fn what_a_device_frees_under_its_own_limit_counts_toward_the_store() {
+    let f = Fake::new();
+    let a = f.add("a", 1000, 100, 1024);
+    let b = f.add("b", 900, 100, 1024);
+    // a: 1.13 MB of a 1.2 MB limit (94%): one batch brings it under its low mark. The store:
+    // 2.15 MB of 2.3 MB (93.5%): 310 kB to its low mark, of which a's batch already freed 262.
+    f.dev(a, |d| d.mem_limit = 1_200_000);
+    f.set(|s| s.limit = 2_300_000);
+    let mut p = policy(cfg());
+    let r = run(&mut p, &f, 1, None).pop().unwrap();
+    assert!(r.triggers.device_watermark && r.triggers.store_watermark);
+    assert_eq!(reclaims(&f.calls()), vec![a, b]);
+    assert_eq!(
+        r.written_back,
+        2 * WRITEBACK_BATCH,
+        "not three: no double count"
+    );
+    assert!(f.used() <= part(2_300_000, 0.80));
+}
+
 // ---- pressure ----
 
 #[test]
@@ -763,6 +784,23 @@ fn a_throttled_device_is_written_back_last_at_the_watermark() {
         r.devices[a].written_back > 0,
         "the limit still wins over the throttle"
     );
+}
+
+#[test]
+fn under_pressure_alone_a_throttled_device_is_not_written_back_at_all() {
+    let f = Fake::new();
+    let a = f.add("a", 5000, 1000, 1024);
+    let b = f.add("b", 0, 1000, 1024); // nothing cold: a is the only source
+    let mut p = policy(cfg());
+    run(&mut p, &f, 1, None);
+    f.dev(a, |d| d.promoted += 100);
+    let r = run(&mut p, &f, 5, Some(80.0));
+    assert!(
+        r.iter()
+            .all(|r| r.triggers.pressure && r.devices[a].throttled)
+    );
+    assert!(r.iter().all(|r| r.written_back == 0));
+    assert_eq!(reclaims(&f.calls()), vec![b]);
 }
 
 #[test]
