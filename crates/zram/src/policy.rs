@@ -196,7 +196,8 @@ impl PolicyConfig {
 /// One device as the policy sees it at the start of a tick.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DeviceView {
-    /// Stable, unique name: the policy keeps its per-device state under it.
+    /// Stable, unique name: the policy keeps its per-device state under it (a second device
+    /// with a name already seen in the same tick is left alone).
     pub name: String,
     /// The device's memory in bytes: compressed bytes plus its part of the allocator overhead.
     pub mem_used: u64,
@@ -589,7 +590,9 @@ impl Policy {
             Self::back_off(&cfg, target, d, now);
         }
 
-        report.compacted_pages += Self::compact_if_worth(&cfg, target);
+        if !stop.load(Relaxed) {
+            report.compacted_pages += Self::compact_if_worth(&cfg, target);
+        }
 
         if cfg.recompress && !stop.load(Relaxed) {
             let turn = self.recompress_turn;
@@ -765,7 +768,9 @@ impl Policy {
             0
         };
         let can_write = |d: &Live<'_, T::Device>| {
-            d.view.has_backing && !resting(d.state.reclaim_rest_until, now)
+            d.view.has_backing
+                && d.view.stored_pages > 0
+                && !resting(d.state.reclaim_rest_until, now)
         };
 
         // Devices against their own limits.
