@@ -38,6 +38,7 @@
 
 mod backing;
 mod device;
+pub mod policy;
 mod slot;
 pub mod state;
 mod stats;
