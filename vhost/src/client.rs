@@ -3,6 +3,7 @@
 
 use crate::control::proto::*;
 use crate::prometheus;
+use zram::policy::PolicyStats;
 use crate::table::{self, human_size};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -89,7 +90,7 @@ pub enum StatFormat {
 
 /// The subcommands that control a running daemon. Each sends its command (the arguments are
 /// the command's own fields, see [`crate::control::proto`]) and prints the reply.
-#[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand)]
+#[derive(Clone, Debug, PartialEq, clap::Subcommand)]
 pub enum ClientCommand {
     /// Show the devices, their memory use and I/O counters
     ///
@@ -149,20 +150,32 @@ pub enum ClientCommand {
     /// page written uses one up) until the budget is set again; `none` removes the budget.
     WritebackLimit(Call<WritebackLimit>),
 
-    /// Set the memory limit of the store
+    /// Set the memory limit of the store, or of one device
     ///
-    /// The most memory the compressed pages of all devices may take, like zram's
-    /// `mem_limit`. A guest write that would exceed it fails (the guest sees an I/O error on
-    /// that request, typically a swap-out error); nothing stored is lost. Lowering the limit
-    /// below current use frees nothing by itself.
+    /// The store's limit is the most memory the compressed pages of all devices may take,
+    /// like zram's `mem_limit`; a device's limit (`--device`) caps that device inside it. A
+    /// guest write that would exceed a limit first moves cold pages to the backing files
+    /// (direct reclaim: the devices furthest above their share first); it fails only when
+    /// nothing cold is left to move (the guest sees an I/O error on that request, typically
+    /// a swap-out error). Nothing stored is lost. Lowering a limit below current use frees
+    /// nothing by itself; the policy then writes back down to its low watermark.
     MemLimit(Call<MemLimit>),
 
     /// Reset mem_used_max to the memory in use now
     ResetMemUsedMax(Call<ResetMemUsedMax>),
+
+    /// Show the tiering policy, or change it
+    ///
+    /// The policy compacts the pool, recompresses cold pages with the --recomp algorithm and
+    /// writes cold pages back to the backing files when memory runs short, by itself. Without
+    /// arguments this shows its settings and what it has done; `vzram policy off` stops it,
+    /// `vzram policy on --idle-age 5m` starts it with another idle age. Changes last until the
+    /// daemon stops (`vzram serve` takes the same settings).
+    Policy(Call<Policy>),
 }
 
 /// A command's arguments and where to send it.
-#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+#[derive(Clone, Debug, PartialEq, clap::Args)]
 pub struct Call<C: clap::Args> {
     #[command(flatten)]
     pub args: C,
@@ -288,6 +301,7 @@ pub fn run_to(cmd: ClientCommand, out: &mut dyn Write) -> Result<(), ClientError
         ClientCommand::WritebackLimit(c) => c.run()?,
         ClientCommand::MemLimit(c) => c.run()?,
         ClientCommand::ResetMemUsedMax(c) => c.run()?,
+        ClientCommand::Policy(c) => c.run()?,
     };
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
@@ -354,10 +368,24 @@ impl Render for WritebackLimit {
 
 impl Render for MemLimit {
     fn render(r: &MemLimitReply) -> String {
-        match r.mem_limit {
-            0 => "mem_limit: none\n".to_string(),
-            l => format!("mem_limit: {} ({l} bytes)\n", human_size(l)),
-        }
+        let whose = match &r.device {
+            Some(d) => format!("{d}: "),
+            None => String::new(),
+        };
+        let limit = match r.mem_limit {
+            0 => "none".to_string(),
+            l => format!("{} ({l} bytes)", human_size(l)),
+        };
+        format!(
+            "{whose}mem_limit: {limit}, in use {}\n",
+            human_size(r.mem_used)
+        )
+    }
+}
+
+impl Render for Policy {
+    fn render(r: &PolicyStats) -> String {
+        table::policy(r)
     }
 }
 
@@ -442,6 +470,7 @@ mod tests {
             ClientCommand::WritebackLimit(c) => request_line(&c.args),
             ClientCommand::MemLimit(c) => request_line(&c.args),
             ClientCommand::ResetMemUsedMax(c) => request_line(&c.args),
+            ClientCommand::Policy(c) => request_line(&c.args),
         };
         for (args, want) in [
             (&["stat", "--json"][..], r#"{"cmd":"stat"}"#),

@@ -126,10 +126,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = crate::daemon::DEFAULT_POLL.as_micros() as u64)]
     pub poll_us: u64,
 
-    /// Run background compaction when this many pool pages could be freed by it (0 = never).
-    #[arg(long, value_name = "PAGES",
-          default_value_t = crate::control::DEFAULT_COMPACT_THRESHOLD_PAGES as u64)]
-    pub compact_threshold: u64,
+    /// Run the tiering policy: compaction when the pool fragments, recompression of cold
+    /// pages with the first --recomp algorithm, writeback of cold pages to the backing files
+    /// when memory runs short (`vzram policy` shows and changes it at run time)
+    #[arg(long, value_name = "on|off", default_value = "on",
+          value_parser = crate::control::parse_on_off)]
+    pub policy: bool,
+
+    #[command(flatten)]
+    pub policy_knobs: crate::control::PolicyKnobs,
+
+    /// Where the host's memory pressure is read (PSI); a missing or unreadable file leaves
+    /// the policy to the watermarks
+    #[arg(long, value_name = "PATH", default_value = zram::policy::DEFAULT_PSI_PATH)]
+    pub psi_file: PathBuf,
 }
 
 const SERVE_EXAMPLES: &str = "\
@@ -292,6 +302,8 @@ pub struct StoreAndDevices {
 pub enum BuildError {
     #[error("give --socket and --size, or at least one --device")]
     NoDevice,
+    #[error("{0}")]
+    Policy(String),
     #[error("two devices use the socket {0}")]
     DuplicateSocket(PathBuf),
     #[error("two devices are named {0}")]
@@ -387,8 +399,8 @@ pub struct Config {
     pub control_group: Option<u32>,
     /// How long a queue worker watches its ring after a batch.
     pub poll: Duration,
-    /// Background compaction when this many pages could be freed; `None`: never.
-    pub compact_threshold: Option<usize>,
+    /// The tiering policy and where it reads memory pressure.
+    pub policy: crate::control::PolicySetup,
 }
 
 impl TryFrom<&ServeArgs> for Config {
@@ -472,9 +484,16 @@ impl TryFrom<&ServeArgs> for Config {
             control_mode: args.control_mode,
             control_group: group_id("--control-group", args.control_group.as_deref())?,
             poll: Duration::from_micros(args.poll_us),
-            compact_threshold: match args.compact_threshold {
-                0 => None,
-                n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            policy: {
+                let mut config = args.policy_knobs.apply(Default::default());
+                config.enabled = args.policy;
+                config
+                    .validate()
+                    .map_err(|e| BuildError::Policy(e.to_string()))?;
+                crate::control::PolicySetup {
+                    config,
+                    psi_file: args.psi_file.clone(),
+                }
             },
         })
     }
@@ -504,10 +523,7 @@ impl Config {
     pub fn control_config(&self) -> ServerConfig {
         let mut config = ServerConfig::new(self.control.clone());
         config.mode = self.control_mode;
-        match self.compact_threshold {
-            None => config.compact_interval = None,
-            Some(pages) => config.compact_threshold_pages = pages,
-        }
+        config.policy = self.policy.clone();
         config
     }
 
@@ -659,7 +675,7 @@ mod tests {
     #[test]
     fn every_device_setting_is_resolved_once() {
         let c = config(&serve_args(
-            "--device socket=/r/a.sock,size=1G,name=vm1,num-queues=2 --device socket=/r/b.sock,size=2G,readonly,blk-size=512 --serial S --num-queues 4 --poll-us 0 --compact-threshold 0",
+            "--device socket=/r/a.sock,size=1G,name=vm1,num-queues=2 --device socket=/r/b.sock,size=2G,readonly,blk-size=512 --serial S --num-queues 4 --poll-us 0 --policy off --idle-age 30s --high-watermark 0.95 --psi-file /nonexistent",
         ))
         .unwrap();
         assert_eq!(c.devices[0].name, "vm1");
@@ -672,15 +688,25 @@ mod tests {
         assert_eq!((c.devices[0].blk_size, c.devices[1].blk_size), (4096, 512));
         assert_eq!(c.devices[1].serial, "S");
         assert_eq!(c.control, PathBuf::from("/r/vzram.ctl"));
-        assert_eq!((c.poll, c.compact_threshold), (Duration::ZERO, None));
+        assert_eq!(c.poll, Duration::ZERO);
+        let p = &c.policy.config;
+        assert!(!p.enabled);
+        assert_eq!(p.idle_age, Duration::from_secs(30));
+        assert_eq!(p.high_watermark, 0.95);
+        // What was not given keeps the policy's default.
+        assert_eq!(p.low_watermark, zram::policy::PolicyConfig::default().low_watermark);
+        assert_eq!(c.policy.psi_file, PathBuf::from("/nonexistent"));
         let c = config(&serve_args("--socket a.sock --size 1G")).unwrap();
         assert_eq!(c.devices[0].serial, "vzram-vz0");
         assert_eq!(c.control, PathBuf::from("./vzram.ctl"));
         assert_eq!(c.poll, crate::daemon::DEFAULT_POLL);
-        assert_eq!(
-            c.compact_threshold,
-            Some(crate::control::DEFAULT_COMPACT_THRESHOLD_PAGES)
-        );
+        assert_eq!(c.policy.config, zram::policy::PolicyConfig::default());
+        let e = config(&serve_args(
+            "--socket a.sock --size 1G --high-watermark 0.5 --low-watermark 0.7",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("low_watermark"), "{e}");
         let e = config(&serve_args(
             "--socket /r/a.sock --size 1G --control /r/a.sock",
         ));

@@ -3,6 +3,7 @@
 
 use crate::control::proto::{DeviceStat, StatReply, StoreStat};
 use std::fmt::Write;
+use zram::policy::PolicyStats;
 
 /// Text wider than this is wrapped (the statistics grids).
 const WIDTH: usize = 100;
@@ -160,6 +161,8 @@ pub fn render(stat: &StatReply) -> String {
     }
     out.push('\n');
     store(&mut out, &stat.store, stat.devices.len());
+    out.push('\n');
+    out.push_str(&policy(&stat.policy));
     out
 }
 
@@ -220,6 +223,27 @@ fn device(out: &mut String, d: &DeviceStat) {
             ("bd_count", bd.bd_count),
             ("bd_reads", bd.bd_reads),
             ("bd_writes", bd.bd_writes),
+        ],
+    );
+    let m = &d.memory;
+    writeln!(
+        out,
+        "  memory: {} in use, limit {}, share of the store's limit {}",
+        human_size(m.used),
+        limit(m.limit),
+        limit(m.share)
+    )
+    .expect("writing to a String");
+    let t = &d.tiering;
+    grid(
+        out,
+        "tiering",
+        &[
+            ("recompressed", t.recompressed),
+            ("written_back", t.written_back),
+            ("direct_reclaimed", t.direct_reclaimed),
+            ("direct_reclaim_failed", t.direct_reclaim_failed),
+            ("promoted", t.promoted),
         ],
     );
     use Align::Right;
@@ -290,6 +314,104 @@ fn store(out: &mut String, s: &StoreStat, devices: usize) {
     .expect("writing to a String");
     if devices > 1 {
         out.push_str("(TOTAL and mm_stat's mem_* and pages_compacted are the shared store's)\n");
+    }
+}
+
+/// The policy's settings and what it did (`vzram policy`, and the end of `vzram stat`).
+pub fn policy(p: &PolicyStats) -> String {
+    use Align::{Left, Right};
+    let c = &p.config;
+    let pct = |f: f64| format!("{}%", (f * 1000.0).round() / 10.0);
+    let secs = |d: std::time::Duration| human_secs(d.as_secs_f64());
+    let mut out = String::new();
+    let psi = match p.last_psi {
+        Some(v) => format!("{v:.2}"),
+        None => "unavailable".into(),
+    };
+    writeln!(
+        out,
+        "policy: {}, every {}; idle age {} (at most {} under back-off); recompress {};\n  \
+         compact above {} freeable; write back above {} of a limit down to {}, or when PSI \
+         some avg10 > {}% (last {psi});\n  promotions target {} of recently used pages per \
+         minute; at most {} pages per action per pass",
+        if c.enabled { "on" } else { "off" },
+        secs(c.interval),
+        secs(c.idle_age),
+        secs(c.max_cold_age),
+        if c.recompress { "on" } else { "off" },
+        pct(c.compact_fraction),
+        pct(c.high_watermark),
+        pct(c.low_watermark),
+        c.psi_threshold,
+        pct(c.promotion_target),
+        c.max_pages_per_tick,
+    )
+    .expect("writing to a String");
+    writeln!(
+        out,
+        "  {} passes, {:.2} s CPU, {} pages compacted{}, {} errors{}",
+        p.ticks,
+        p.cpu_secs,
+        p.compacted_pages,
+        if p.reclaiming {
+            ", writing back to the low watermark"
+        } else {
+            ""
+        },
+        p.errors,
+        match &p.last_error {
+            Some(e) => format!(" (last: {e})"),
+            None => String::new(),
+        }
+    )
+    .expect("writing to a String");
+    let rows: Vec<Vec<String>> = p
+        .devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                d.recompressed.to_string(),
+                d.written_back.to_string(),
+                human_size(d.freed_bytes),
+                format!("{:.1}", d.promotions_per_min),
+                format!("{:.1}", d.promotion_target_per_min),
+                human_secs(d.cold_age_secs),
+                if d.throttled { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        table(
+            &mut out,
+            "  ",
+            &[
+                ("DEVICE", Left),
+                ("RECOMPRESSED", Right),
+                ("WRITTEN_BACK", Right),
+                ("FREED", Right),
+                ("PROMOTED/MIN", Right),
+                ("TARGET/MIN", Right),
+                ("COLD_AGE", Right),
+                ("THROTTLED", Left),
+            ],
+            &rows,
+        );
+    }
+    out
+}
+
+/// Seconds as the ages the command line takes: `45s`, `2m`, `1.5h`, `2d`.
+fn human_secs(secs: f64) -> String {
+    let (n, unit) = [(86400.0, "d"), (3600.0, "h"), (60.0, "m")]
+        .into_iter()
+        .find(|&(u, _)| secs >= u)
+        .map_or((secs, "s"), |(u, name)| (secs / u, name));
+    let n = (n * 10.0).round() / 10.0;
+    if n.fract() == 0.0 {
+        format!("{}{unit}", n as u64)
+    } else {
+        format!("{n}{unit}")
     }
 }
 

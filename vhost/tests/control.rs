@@ -15,7 +15,7 @@ use vzram::client::{Call, Client, ClientCommand, ClientError, ControlArgs, StatF
 use vzram::control::{
     Compact, ControlError, ControlHandle, Devices, Idle, MemLimit, PageType, Recompress,
     RecompressDevice, ResetMemUsedMax, Server, ServerConfig, Stat, StatReply, Writeback,
-    WritebackLimit,
+    WritebackLimit, Policy, PolicyKnobs,
 };
 use zram::{PAGE_SIZE, Store};
 
@@ -81,7 +81,7 @@ struct Fixture {
 
 impl Fixture {
     fn new(devices: &[DevSpec]) -> Fixture {
-        Fixture::with(devices, |cfg| cfg.compact_interval = None)
+        Fixture::with(devices, |cfg| cfg.policy.config.enabled = false)
     }
 
     /// Devices first, then the server: a test can prepare the store before the control
@@ -824,8 +824,9 @@ fn socket_mode_replacement_and_removal() {
     assert_eq!(std::fs::read(&f.socket).unwrap(), b"precious");
 }
 
+/// The policy compacts by itself once freeable pages pass a fraction of the pool.
 #[test]
-fn background_compaction_runs_when_enough_is_freeable() {
+fn the_policy_compacts_a_fragmented_pool() {
     let mut f = Fixture::unstarted(&[dev("vz0")]);
     let d = f.device(0);
     fill(d, 0..3000, PageKind::Heap);
@@ -836,10 +837,7 @@ fn background_compaction_runs_when_enough_is_freeable() {
     assert!(freeable > 0, "the test needs a fragmented pool");
     assert_eq!(f.store.pages_compacted(), 0);
     f.start(
-        |c| {
-            c.compact_interval = Some(Duration::from_millis(20));
-            c.compact_threshold_pages = 1;
-        },
+        |c| c.policy.config.interval = Duration::from_millis(20),
         || {},
     );
     let mut c = f.client();
@@ -850,10 +848,14 @@ fn background_compaction_runs_when_enough_is_freeable() {
     for i in (1..3000).step_by(2) {
         check_page(f.device(0), i, PageKind::Heap);
     }
+    let st = c.call(&Stat {}).unwrap();
+    assert!(st.policy.compacted_pages > 0, "{:?}", st.policy);
 }
 
+/// Below its fraction the pool is left alone, and with the policy off nothing runs at all;
+/// `vzram policy on` starts it at run time.
 #[test]
-fn background_compaction_waits_for_its_threshold() {
+fn the_policy_waits_for_its_fraction_and_can_be_turned_on_and_off() {
     let mut f = Fixture::unstarted(&[dev("vz0")]);
     let d = f.device(0);
     fill(d, 0..1000, PageKind::Heap);
@@ -862,18 +864,75 @@ fn background_compaction_waits_for_its_threshold() {
     }
     let freeable = f.store.freeable_pages();
     assert!(freeable > 0);
+    let used = f.store.pool_stats().pages_used;
     f.start(
         |c| {
-            c.compact_interval = Some(Duration::from_millis(5));
-            c.compact_threshold_pages = freeable + 1;
+            c.policy.config.interval = Duration::from_millis(5);
+            // Just above what is freeable: nothing to do.
+            c.policy.config.compact_fraction = (freeable as f64 + 1.0) / used as f64;
         },
         || {},
     );
-    // Many timer ticks (every 5 ms) in 200 ms.
+    // Many passes (every 5 ms) in 200 ms.
     std::thread::sleep(Duration::from_millis(200));
-    let st = f.client().call(&Stat {}).unwrap();
+    let mut c = f.client();
+    let st = c.call(&Stat {}).unwrap();
     assert_eq!(st.store.pages_compacted, 0);
     assert_eq!(st.store.freeable_pages, freeable as u64);
+    assert!(st.policy.ticks > 10, "{:?}", st.policy);
+    // Off: no pass runs, whatever the fraction.
+    let off = c
+        .call(&Policy {
+            enabled: Some(false),
+            knobs: PolicyKnobs {
+                compact_fraction: Some(0.0),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(!off.enabled && off.config.compact_fraction == 0.0, "{off:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let ticks = c.call(&Stat {}).unwrap().policy.ticks;
+    std::thread::sleep(Duration::from_millis(200));
+    let st = c.call(&Stat {}).unwrap();
+    assert_eq!((st.policy.ticks, st.store.pages_compacted), (ticks, 0));
+    // On again, at run time: it compacts now.
+    c.call(&Policy {
+        enabled: Some(true),
+        ..Default::default()
+    })
+    .unwrap();
+    wait_for("compaction after `policy on`", || {
+        c.call(&Stat {}).unwrap().store.pages_compacted > 0
+    });
+}
+
+#[test]
+fn policy_settings_are_checked_and_named() {
+    let f = Fixture::new(&[dev("vz0")]);
+    let mut raw = f.raw();
+    let a = raw.ask(r#"{"cmd":"policy","high_watermark":0.5,"low_watermark":0.7}"#);
+    assert!(error_of(&a).contains("low_watermark"), "{a}");
+    let a = raw.ask(r#"{"cmd":"policy","idle_age":5}"#);
+    assert!(error_of(&a).contains("\"idle_age\""), "{a}");
+    let a = raw.ask(r#"{"cmd":"policy","idle_age_secs":"soon"}"#);
+    assert_eq!(a["ok"], false, "{a}");
+    // A refused change changes nothing.
+    let a = raw.ask(r#"{"cmd":"policy"}"#);
+    assert_eq!(a["result"]["config"]["high_watermark"], 0.9, "{a}");
+    let a = raw.ask(r#"{"cmd":"policy","idle_age_secs":30,"high_watermark":0.95}"#);
+    assert_eq!(a["ok"], true, "{a}");
+    let st = f.client().call(&Stat {}).unwrap();
+    assert_eq!(st.policy.config.idle_age, Duration::from_secs(30));
+    assert_eq!(st.policy.config.high_watermark, 0.95);
+    // The client renders what is in force.
+    let text = printed(ClientCommand::Policy(Call {
+        args: Policy::default(),
+        conn: f.conn(),
+    }));
+    assert!(text.starts_with("policy: off"), "{text}");
+    assert!(text.contains("idle age 30s"), "{text}");
 }
 
 #[test]
@@ -982,7 +1041,7 @@ fn idle_clients_do_not_lock_the_operator_out() {
 #[test]
 fn a_stalled_partial_line_is_dropped_after_the_idle_timeout() {
     let f = Fixture::with(&[dev("vz0")], |c| {
-        c.compact_interval = None;
+        c.policy.config.enabled = false;
         c.idle_timeout = Duration::from_millis(300);
     });
     let mut raw = f.raw();
@@ -1009,7 +1068,7 @@ fn a_stalled_partial_line_is_dropped_after_the_idle_timeout() {
 #[test]
 fn a_client_that_never_reads_does_not_block_others() {
     let f = Fixture::with(&[dev("vz0")], |c| {
-        c.compact_interval = None;
+        c.policy.config.enabled = false;
         c.write_timeout = Duration::from_millis(500);
     });
     let greedy = UnixStream::connect(&f.socket).unwrap();

@@ -1130,8 +1130,8 @@ fn hostile_frontend_cannot_stop_other_disks() {
         dir.0.join("vzram.ctl").display().to_string(),
         "--num-queues".to_string(),
         QUEUES.to_string(),
-        "--compact-threshold".to_string(),
-        "0".to_string(),
+        "--policy".to_string(),
+        "off".to_string(),
     ]
     .to_vec();
     let log = dir.0.join("vzram.log");

@@ -164,6 +164,8 @@ pub struct Context {
     pub(super) cancel: AtomicBool,
     /// Held by the maintenance passes, which run one at a time.
     pub(super) maintenance: Mutex<()>,
+    /// The policy thread.
+    pub(super) policy: super::policy::PolicyControl,
 }
 
 /// What a maintenance pass did with one device.
@@ -187,12 +189,17 @@ pub(super) struct Pass<'a> {
 }
 
 impl Context {
-    pub(super) fn new(devices: Vec<Arc<BlkDevice>>, store: Arc<Store>) -> Context {
+    pub(super) fn new(
+        devices: Vec<Arc<BlkDevice>>,
+        store: Arc<Store>,
+        policy: super::policy::PolicyControl,
+    ) -> Context {
         Context {
             devices,
             store,
             cancel: AtomicBool::new(false),
             maintenance: Mutex::new(()),
+            policy,
         }
     }
 

@@ -8,7 +8,8 @@
 //!   [`ServerConfig::write_timeout`], is closed. When the table is full, a newcomer closes the
 //!   connection that has waited longest for a request (one running a command is never
 //!   closed), so an operator always gets in.
-//! - `vzram-compact` checks every `compact_interval` whether compaction would free enough.
+//! - `vzram-policy` runs the tiering policy (compaction, recompression, writeback; see
+//!   [`policy`]) every `interval`, and takes run-time changes from the `policy` command.
 //!
 //! Commands of different clients run side by side (`stat` answers during a recompression);
 //! the maintenance passes (idle, recompress, writeback, compact) take one lock so that they
@@ -22,10 +23,12 @@
 
 mod conn;
 mod dispatch;
+mod policy;
 pub mod proto;
 
 pub use conn::MAX_LINE;
 pub use dispatch::CommandError;
+pub use policy::PolicySetup;
 pub use proto::*;
 
 use dispatch::Context;
@@ -49,10 +52,6 @@ use crate::device::BlkDevice;
 
 /// The control socket's default mode: only the daemon's user may control it.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
-/// How often the pool is checked for pages compaction could free.
-pub const DEFAULT_COMPACT_INTERVAL: Duration = Duration::from_secs(5);
-/// Compact when at least this many pages (8 MiB) would be freed.
-pub const DEFAULT_COMPACT_THRESHOLD_PAGES: usize = 2048;
 /// A client that sends no complete request for this long is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not take an answer within this long is closed.
@@ -77,6 +76,8 @@ pub enum ControlError {
     },
     #[error("the control thread panicked")]
     Panicked,
+    #[error("{0}")]
+    Policy(String),
 }
 
 fn setup(what: &'static str) -> impl FnOnce(io::Error) -> ControlError {
@@ -95,10 +96,8 @@ pub struct ServerConfig {
     pub socket: PathBuf,
     /// The socket file's mode ([`DEFAULT_SOCKET_MODE`], whatever the vhost-user sockets use).
     pub mode: u32,
-    /// How often to check whether background compaction is due; `None`: never.
-    pub compact_interval: Option<Duration>,
-    /// Compact when the pool's freeable pages reach this (at least 1).
-    pub compact_threshold_pages: usize,
+    /// The tiering policy and where it reads host memory pressure.
+    pub policy: PolicySetup,
     /// Take SIGTERM and SIGINT through a signalfd and call the shutdown callback.
     pub handle_signals: bool,
     /// Close a client that sends no complete request for this long ([`DEFAULT_IDLE_TIMEOUT`]).
@@ -111,14 +110,13 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// The defaults: mode 0600, compaction checked every 5 s at a threshold of 2048 pages,
-    /// signals handled, 128 clients closed after 10 s without a request.
+    /// The defaults: mode 0600, the policy's defaults, signals handled, 128 clients closed
+    /// after 10 s without a request.
     pub fn new(socket: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
             socket: socket.into(),
             mode: DEFAULT_SOCKET_MODE,
-            compact_interval: Some(DEFAULT_COMPACT_INTERVAL),
-            compact_threshold_pages: DEFAULT_COMPACT_THRESHOLD_PAGES,
+            policy: PolicySetup::default(),
             handle_signals: true,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
@@ -349,7 +347,6 @@ impl Drop for Leave<'_> {
 pub struct ControlHandle {
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
-    compactor: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     wake: EventFd,
     tid: libc::pid_t,
     socket: PathBuf,
@@ -379,8 +376,10 @@ impl Server {
             None
         };
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("eventfd"))?;
+        let policy = policy::PolicyControl::start(config.policy, store.clone(), devices.clone())
+            .map_err(ControlError::Policy)?;
         let shared = Arc::new(Shared {
-            ctx: Context::new(devices, store),
+            ctx: Context::new(devices, store, policy),
             clients: Mutex::new(HashMap::new()),
             limits: conn::Limits {
                 idle: config.idle_timeout,
@@ -412,38 +411,16 @@ impl Server {
             })
             .map_err(setup("spawning the control thread"))?;
         let tid = tid_rx.recv().map_err(|_| ControlError::Panicked)?;
-        let mut handle = ControlHandle {
+        let handle = ControlHandle {
             shared,
             acceptor: Some(acceptor),
-            compactor: None,
             wake,
             tid,
             socket: config.socket,
             socket_file: Some(socket_file),
         };
-        if let Some(interval) = config.compact_interval {
-            let (tx, rx) = mpsc::channel();
-            let store = handle.shared.ctx.store.clone();
-            let threshold = config.compact_threshold_pages.max(1);
-            let thread = std::thread::Builder::new()
-                .name("vzram-compact".into())
-                .spawn(move || compactor(&store, interval, threshold, &rx))
-                .map_err(setup("spawning the compaction thread"))?;
-            handle.compactor = Some((tx, thread));
-        }
         log::info!("control socket listening on {}", handle.socket.display());
         Ok(handle)
-    }
-}
-
-/// Every `interval` until the sender goes: compacts when enough pages would be freed.
-fn compactor(store: &zram::Store, interval: Duration, threshold: usize, stop: &mpsc::Receiver<()>) {
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
-        let freeable = store.freeable_pages();
-        if freeable >= threshold {
-            let freed = store.compact();
-            log::info!("background compaction: {freed} pages freed ({freeable} were freeable)");
-        }
     }
 }
 
@@ -588,12 +565,7 @@ impl ControlHandle {
                 log::warn!("a control connection thread panicked");
             }
         }
-        if let Some((tx, thread)) = self.compactor.take() {
-            drop(tx);
-            if thread.join().is_err() {
-                log::warn!("the compaction thread panicked");
-            }
-        }
+        self.shared.ctx.policy.shutdown();
         self.socket_file = None;
         joined
     }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use zcomp::Priority;
+use zram::policy::{PolicyConfig, PolicyStats};
 
 /// A control command: its fields are its arguments.
 pub trait Command: Serialize + DeserializeOwned + std::fmt::Debug {
@@ -42,6 +43,7 @@ pub(super) const COMMANDS: &[Entry] = &[
     Entry::of::<WritebackLimit>(),
     Entry::of::<MemLimit>(),
     Entry::of::<ResetMemUsedMax>(),
+    Entry::of::<Policy>(),
 ];
 
 /// A request line for `cmd`, newline excluded: `{"cmd":NAME, ...arguments}`.
@@ -117,10 +119,12 @@ pub struct Skipped {
 #[serde(deny_unknown_fields)]
 pub struct Stat {}
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatReply {
     pub devices: Vec<DeviceStat>,
     pub store: StoreStat,
+    /// The tiering policy: its knobs and what it has done.
+    pub policy: PolicyStats,
 }
 
 /// One device in `stat`.
@@ -142,6 +146,10 @@ pub struct DeviceStat {
     pub mm_stat: zram::MmStat,
     pub io_stat: zram::IoStat,
     pub bd_stat: zram::BdStat,
+    /// The device's memory, own limit and fair share of the store's limit.
+    pub memory: zram::DeviceMemory,
+    /// Pages moved between tiers (recompressed, written back, read back).
+    pub tiering: zram::TieringStats,
     /// Read and write requests and their bytes: `queues` summed. I/O is counted once, by the
     /// block layer (here, per virtio request), as the kernel's block layer does for zram.
     pub reads: u64,
@@ -190,6 +198,7 @@ impl Command for Stat {
                 freeable_pages: store.freeable_pages() as u64,
                 pool: store.pool_stats(),
             },
+            policy: ctx.policy.stats(),
         })
     }
 }
@@ -227,6 +236,8 @@ impl DeviceStat {
             mm_stat: zram.mm_stat,
             io_stat: zram.io_stat,
             bd_stat: zram.bd_stat,
+            memory: zram.memory,
+            tiering: zram.tiering,
             reads: queues.iter().map(|q| q.reads).sum(),
             writes: queues.iter().map(|q| q.writes).sum(),
             read_bytes: queues.iter().map(|q| q.read_bytes).sum(),
@@ -511,10 +522,14 @@ impl Command for WritebackLimit {
     }
 }
 
-/// The store's memory limit in bytes; 0 removes it.
+/// The store's memory limit, or one device's, in bytes; 0 removes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct MemLimit {
+    /// The limit of this device (inside the store's) [default: the store's limit]
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Bytes, with an optional K, M, G or T suffix (e.g. 2G); 0 removes the limit
     #[arg(value_name = "SIZE", value_parser = zram::parse_size)]
     pub bytes: u64,
@@ -522,17 +537,33 @@ pub struct MemLimit {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemLimitReply {
-    /// The store's limit now, in bytes; 0 = none.
+    /// The device whose limit was set; absent: the store's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The limit now, in bytes; 0 = none.
     pub mem_limit: u64,
+    /// What it holds now, in bytes.
+    pub mem_used: u64,
 }
 
 impl Command for MemLimit {
     const NAME: &'static str = "mem_limit";
     type Reply = MemLimitReply;
     fn run(self, ctx: &Context) -> Result<MemLimitReply, CommandError> {
-        ctx.store.set_mem_limit(self.bytes);
+        let Some(name) = self.device else {
+            ctx.store.set_mem_limit(self.bytes);
+            return Ok(MemLimitReply {
+                device: None,
+                mem_limit: ctx.store.mem_limit(),
+                mem_used: ctx.store.mem_used_total(),
+            });
+        };
+        let d = ctx.targets(Some(&name))?[0];
+        d.zram.set_mem_limit(self.bytes);
         Ok(MemLimitReply {
-            mem_limit: ctx.store.mem_limit(),
+            device: Some(name),
+            mem_limit: d.zram.mem_limit(),
+            mem_used: d.zram.mem_used(),
         })
     }
 }
@@ -555,6 +586,160 @@ impl Command for ResetMemUsedMax {
         Ok(ResetMemUsedMaxReply {
             mem_used_max: ctx.store.mem_used_max(),
         })
+    }
+}
+
+/// The tiering policy's settings, each optional: `vzram serve` takes them as its defaults'
+/// overrides, the `policy` command as changes. One field per [`PolicyConfig`] knob.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct PolicyKnobs {
+    /// Time between the policy's passes [default: 1s]
+    #[arg(long = "policy-interval", value_name = "AGE", value_parser = parse_secs)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_secs: Option<u64>,
+    /// Pages not accessed for this long are cold: recompressed, and written back when memory
+    /// runs short [default: 2m]
+    #[arg(long = "idle-age", value_name = "AGE", value_parser = parse_secs)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_age_secs: Option<u64>,
+    /// Longest a device's cold age grows while pages come back from its backing file too
+    /// often [default: 16m]
+    #[arg(long = "max-cold-age", value_name = "AGE", value_parser = parse_secs)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cold_age_secs: Option<u64>,
+    /// Compact when more than this fraction of the pool's pages could be freed [default: 0.05]
+    #[arg(long, value_name = "FRACTION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compact_fraction: Option<f64>,
+    /// Recompress cold and huge pages with the first --recomp algorithm [default: on]
+    #[arg(long = "recompress-cold", value_name = "on|off", value_parser = parse_on_off)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompress: Option<bool>,
+    /// Write cold pages back to the backing file above this fraction of a memory limit (the
+    /// store's, or a device's) [default: 0.9]
+    #[arg(long, value_name = "FRACTION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_watermark: Option<f64>,
+    /// ... down to this fraction [default: 0.8]
+    #[arg(long, value_name = "FRACTION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_watermark: Option<f64>,
+    /// Also write cold pages back while the host's memory pressure (PSI `some avg10`, in %)
+    /// is above this [default: 10]
+    #[arg(long, value_name = "PERCENT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psi_threshold: Option<f64>,
+    /// Most pages a device may read back from its backing file per minute, as a fraction of
+    /// its recently used pages, before its writeback backs off [default: 0.002]
+    #[arg(long, value_name = "FRACTION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion_target: Option<f64>,
+    /// Most pages each action (recompression, writeback) handles per pass [default: 4096]
+    #[arg(long = "policy-max-pages", value_name = "PAGES")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pages_per_tick: Option<u64>,
+}
+
+impl PolicyKnobs {
+    /// `cfg` with the settings given here.
+    pub fn apply(&self, mut cfg: PolicyConfig) -> PolicyConfig {
+        let secs = Duration::from_secs;
+        if let Some(v) = self.interval_secs {
+            cfg.interval = secs(v);
+        }
+        if let Some(v) = self.idle_age_secs {
+            cfg.idle_age = secs(v);
+            // The cap follows the age unless it was given too.
+            if self.max_cold_age_secs.is_none() {
+                cfg.max_cold_age = cfg.max_cold_age.max(secs(v));
+            }
+        }
+        if let Some(v) = self.max_cold_age_secs {
+            cfg.max_cold_age = secs(v);
+        }
+        if let Some(v) = self.compact_fraction {
+            cfg.compact_fraction = v;
+        }
+        if let Some(v) = self.recompress {
+            cfg.recompress = v;
+        }
+        if let Some(v) = self.high_watermark {
+            cfg.high_watermark = v;
+        }
+        if let Some(v) = self.low_watermark {
+            cfg.low_watermark = v;
+        }
+        if let Some(v) = self.psi_threshold {
+            cfg.psi_threshold = v;
+        }
+        if let Some(v) = self.promotion_target {
+            cfg.promotion_target = v;
+        }
+        if let Some(v) = self.max_pages_per_tick {
+            cfg.max_pages_per_tick = v;
+        }
+        cfg
+    }
+}
+
+/// Show the tiering policy, or change its settings; settings not given stay as they are.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct Policy {
+    /// Turn the policy on or off
+    // The full path keeps clap from reading the Option as "the argument is optional" twice.
+    #[arg(value_name = "on|off", value_parser = parse_on_off)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: ::std::option::Option<bool>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub knobs: PolicyKnobs,
+    /// Keys that are no setting (serde cannot refuse them for a flattened struct): refused in
+    /// `run`.
+    #[arg(skip)]
+    #[serde(flatten, skip_serializing)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Command for Policy {
+    const NAME: &'static str = "policy";
+    type Reply = PolicyStats;
+    fn run(self, ctx: &Context) -> Result<PolicyStats, CommandError> {
+        if let Some(key) = self.unknown.keys().next() {
+            return Err(CommandError::InvalidArgument(format!(
+                "unknown policy setting {key:?}"
+            )));
+        }
+        if self.enabled.is_some() || self.knobs != PolicyKnobs::default() {
+            let mut cfg = self.knobs.apply(ctx.policy.config());
+            if let Some(on) = self.enabled {
+                cfg.enabled = on;
+            }
+            ctx.policy
+                .set(cfg)
+                .map_err(|e| CommandError::InvalidArgument(e.to_string()))?;
+        }
+        let mut stats = ctx.policy.stats();
+        // The thread publishes once it has taken a change; answer with what is in force now.
+        stats.config = ctx.policy.config();
+        stats.enabled = stats.config.enabled;
+        Ok(stats)
+    }
+}
+
+/// `on` or `off` (also true/false, 1/0).
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
+}
+
+/// An age in seconds: a number with an optional s, m, h or d suffix.
+pub fn parse_secs(s: &str) -> Result<u64, String> {
+    match parse_age(s)? {
+        Some(secs) => Ok(secs),
+        None => Err(format!("{s:?}: expected an age like 30s, 5m, 1h or 2d")),
     }
 }
 
