@@ -4,12 +4,14 @@ mod maintenance;
 
 use crate::PAGE_SIZE;
 use crate::backing::Backing;
+use crate::budget::Full;
 use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, Slot, SlotGuard, State};
-use crate::stats::{BdStat, Counters, IoStat, MmStat, Stats};
+use crate::stats::{BdStat, Counters, DeviceMemory, IoStat, MmStat, Stats, TieringStats};
 use crate::{Error, SECTOR_SIZE, Store};
 use region::Region;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use zcomp::{Comp, Priority, Stream};
@@ -71,6 +73,17 @@ pub struct RecompressResult {
     pub recompressed: u64,
 }
 
+/// What a cold-page writeback pass ([`Device::reclaim`]) did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reclaimed {
+    /// Slots looked at (at most one turn of the clock per call).
+    pub scanned: u64,
+    /// Pages moved to the backing file.
+    pub written: u64,
+    /// Compressed bytes those pages held in memory (a huge page 4096).
+    pub freed_bytes: u64,
+}
+
 /// A fixed-size block device of 4 KiB pages whose data lives compressed in a [`Store`].
 #[derive(Debug)]
 pub struct Device {
@@ -83,6 +96,13 @@ pub struct Device {
     counters: Region<Counters>,
     /// Access times are seconds since then.
     born: Instant,
+    /// This device's own memory limit in bytes, 0 = none (not kept in a state directory: it
+    /// is configuration, given again at every start).
+    mem_limit: AtomicU64,
+    /// The clock hands of the cold-page passes: the next slot writeback (reclaim, direct
+    /// reclaim) and cold recompression look at.
+    writeback_cursor: AtomicU64,
+    recompress_cursor: AtomicU64,
 }
 
 /// A page of one repeated 8-byte word: its value.
@@ -101,7 +121,8 @@ fn fill_word(dst: &mut [u8; PAGE_SIZE], word: u64) {
 }
 
 impl Device {
-    pub fn new(store: Arc<Store>, comp: Arc<Comp>, cfg: Config) -> Result<Device, Error> {
+    /// Makes a device on `store` and registers it there ([`Store::devices`]).
+    pub fn new(store: Arc<Store>, comp: Arc<Comp>, cfg: Config) -> Result<Arc<Device>, Error> {
         if cfg.size == 0 || !cfg.size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(Error::InvalidArgument(format!(
                 "device size {} is not a positive multiple of 4096",
@@ -125,7 +146,7 @@ impl Device {
     }
 
     /// A device over a slot table and counters: fresh ones, or a state directory's files,
-    /// which the caller recovers first ([`crate::state`]).
+    /// which the caller recovers first ([`crate::state`]). Registered in its store.
     pub(crate) fn attach(
         store: Arc<Store>,
         comp: Arc<Comp>,
@@ -133,8 +154,8 @@ impl Device {
         counters: Region<Counters>,
         backing: Option<Backing>,
         born: Instant,
-    ) -> Device {
-        Device {
+    ) -> Arc<Device> {
+        let dev = Arc::new(Device {
             pages: slots.capacity() as u64,
             slots,
             store,
@@ -142,11 +163,43 @@ impl Device {
             backing,
             counters,
             born,
-        }
+            mem_limit: AtomicU64::new(0),
+            writeback_cursor: AtomicU64::new(0),
+            recompress_cursor: AtomicU64::new(0),
+        });
+        dev.store.register(&dev);
+        dev
     }
 
     fn counters(&self) -> &Counters {
         self.counters.get(0)
+    }
+
+    /// Compressed bytes in memory (zram's `compr_data_size`).
+    pub(crate) fn compr_bytes(&self) -> u64 {
+        self.counters().compr_data_size.load(Relaxed)
+    }
+
+    /// This device's memory: its compressed bytes plus its share of the allocator's overhead
+    /// (the pool's bytes split in proportion to compressed bytes across the store's devices).
+    pub fn mem_used(&self) -> u64 {
+        self.store.refresh_charge().of(self.compr_bytes())
+    }
+
+    /// Sets this device's own memory limit in bytes, on top of the store's; 0 removes it.
+    /// Lowering it below what the device uses frees nothing by itself: the device's next
+    /// writes reclaim (or fail) until it is back under.
+    pub fn set_mem_limit(&self, bytes: u64) {
+        self.mem_limit.store(bytes, Relaxed);
+    }
+
+    pub fn mem_limit(&self) -> u64 {
+        self.mem_limit.load(Relaxed)
+    }
+
+    /// Whether pages can be written back (a backing file is configured).
+    pub fn has_backing(&self) -> bool {
+        self.backing.is_some()
     }
 
     /// Size in bytes.
@@ -191,22 +244,59 @@ impl Device {
 
     // ---- encoding and decoding -----------------------------------------------------------
 
-    /// Turns a page into a slot entry: same-filled, or compressed (or raw) into a new pool
-    /// object. Takes no lock of ours: compression may sleep.
-    fn encode(&self, src: &[u8; PAGE_SIZE], stream: &mut Stream) -> Result<Entry, Error> {
+    /// Turns a page into what its slot will hold: a same-filled word, or the bytes of its
+    /// object (compressed, or raw if compression does not pay). Takes no lock of ours:
+    /// compression may sleep.
+    fn encode<'a>(
+        &self,
+        src: &'a [u8; PAGE_SIZE],
+        stream: &'a mut Stream,
+    ) -> Result<Encoded<'a>, Error> {
         if let Some(word) = same_filled(src) {
-            return Ok(Entry::new(State::Same, word, 0, 0));
+            return Ok(Encoded::Same(word));
         }
-        let pool = self.store.pool();
         let compressed = stream.codec.compress_with(Priority::PRIMARY, src)?;
-        let (state, bytes): (State, &[u8]) = if compressed.len() >= pool.huge_class_size() {
-            (State::Huge, src)
+        Ok(if compressed.len() >= self.store.pool().huge_class_size() {
+            Encoded::Object(State::Huge, src)
         } else {
-            (State::Compressed, compressed)
+            Encoded::Object(State::Compressed, compressed)
+        })
+    }
+
+    /// The slot entry for an encoded page, allocating and filling its object; `Ok(Err(_))`
+    /// when a limit is in the way (the caller reclaims, holding no slot lock, and retries).
+    /// `replaces` gives the entry the page holds now, for the device limit (read only when
+    /// the device has a limit: the write path without one pays a single relaxed load).
+    fn place(
+        &self,
+        enc: &Encoded<'_>,
+        replaces: impl FnOnce() -> Entry,
+    ) -> Result<Result<Entry, Full>, Error> {
+        let (state, bytes) = match *enc {
+            Encoded::Same(word) => return Ok(Ok(Entry::new(State::Same, word, 0, 0))),
+            Encoded::Object(state, bytes) => (state, bytes),
         };
-        let h = self.store.malloc(bytes.len())?;
-        pool.write(h, bytes);
-        Ok(Entry::new(state, h.raw() as u64, bytes.len(), 0))
+        let limit = self.mem_limit();
+        if limit != 0 && !self.within(limit, bytes.len() as u64, charged(&replaces())) {
+            return Ok(Err(Full::Device));
+        }
+        let h = match self.store.malloc(bytes.len()) {
+            Ok(h) => h,
+            Err(Error::NoSpace) => return Ok(Err(Full::Store)),
+            Err(e) => return Err(e),
+        };
+        self.store.pool().write(h, bytes);
+        Ok(Ok(Entry::new(state, h.raw() as u64, bytes.len(), 0)))
+    }
+
+    /// Direct reclaim for a write that found `full` (no slot lock held); `Err(NoSpace)` when
+    /// nothing could be freed.
+    fn make_room(&self, full: Full, compacted: &mut bool) -> Result<(), Error> {
+        if self.direct_reclaim(full, compacted) {
+            return Ok(());
+        }
+        self.counters().direct_reclaim_failed.fetch_add(1, Relaxed);
+        Err(Error::NoSpace)
     }
 
     fn handle(e: &Entry) -> Handle {
@@ -343,11 +433,29 @@ impl Device {
         stream: &mut Stream,
     ) -> Result<(), Error> {
         let slot = self.slot(index)?;
-        let r = self
-            .encode(src, stream)
-            .map(|new| self.install(slot.lock(), new));
+        let r = self.store_page(slot, src, stream);
         self.count_io(&r, true);
         r
+    }
+
+    /// A whole-page write: compress unlocked, allocate (reclaiming at a limit, unlocked too),
+    /// then lock the slot only to install.
+    fn store_page(
+        &self,
+        slot: &Slot,
+        src: &[u8; PAGE_SIZE],
+        stream: &mut Stream,
+    ) -> Result<(), Error> {
+        let enc = self.encode(src, stream)?;
+        let mut compacted = false;
+        let new = loop {
+            match self.place(&enc, || slot.peek())? {
+                Ok(new) => break new,
+                Err(full) => self.make_room(full, &mut compacted)?,
+            }
+        };
+        self.install(slot.lock(), new);
+        Ok(())
     }
 
     /// zram's io_stat failures. Successful I/O is counted by the block layer above (the
@@ -470,15 +578,29 @@ impl Device {
         bytes: &[u8],
         stream: &mut Stream,
     ) -> Result<(), Error> {
-        let g = self.slots.get(index as usize).lock();
+        let slot = self.slots.get(index as usize);
         let mut page = [0u8; PAGE_SIZE];
-        self.decode(&g.entry, &mut page, stream)?;
-        page[at..at + bytes.len()].copy_from_slice(bytes);
-        // Compressing under the slot lock is allowed (it is sleepable) and keeps the
-        // read-modify-write whole.
-        let new = self.encode(&page, stream)?;
-        self.install(g, new);
-        Ok(())
+        let mut compacted = false;
+        loop {
+            let g = slot.lock();
+            self.decode(&g.entry, &mut page, stream)?;
+            page[at..at + bytes.len()].copy_from_slice(bytes);
+            // Compressing under the slot lock is allowed (it is sleepable) and keeps the
+            // read-modify-write whole.
+            let enc = self.encode(&page, stream)?;
+            match self.place(&enc, || g.entry)? {
+                Ok(new) => {
+                    self.install(g, new);
+                    return Ok(());
+                }
+                Err(full) => {
+                    // Reclaim holds no slot lock of ours: unlock, and start the
+                    // read-modify-write over (the page may have changed meanwhile).
+                    drop(g);
+                    self.make_room(full, &mut compacted)?;
+                }
+            }
+        }
     }
 
     // ---- statistics ----------------------------------------------------------------------
@@ -515,7 +637,34 @@ impl Device {
                 bd_reads: c.bd_reads.load(Relaxed),
                 bd_writes: c.bd_writes.load(Relaxed),
             },
+            memory: DeviceMemory {
+                used: self.mem_used(),
+                limit: self.mem_limit(),
+                share: store.fair_share(self, store.devices().len()),
+            },
+            tiering: TieringStats {
+                recompressed: c.recompressed.load(Relaxed),
+                written_back: c.bd_writes.load(Relaxed),
+                direct_reclaimed: c.direct_reclaimed.load(Relaxed),
+                direct_reclaim_failed: c.direct_reclaim_failed.load(Relaxed),
+                promoted: c.bd_reads.load(Relaxed),
+            },
         }
+    }
+}
+
+/// A page ready to store: what [`Device::encode`] makes, before it has memory.
+enum Encoded<'a> {
+    Same(u64),
+    /// `Compressed` or `Huge`, and the object's bytes.
+    Object(State, &'a [u8]),
+}
+
+/// Compressed bytes an entry holds in memory (a huge page 4096; 0 if none).
+fn charged(e: &Entry) -> u64 {
+    match e.state() {
+        State::Compressed | State::Huge => e.len() as u64,
+        _ => 0,
     }
 }
 
@@ -557,7 +706,7 @@ mod tests {
         )
     }
 
-    fn device(store: &Arc<Store>, pages: u64, backing: Option<PathBuf>) -> Device {
+    fn device(store: &Arc<Store>, pages: u64, backing: Option<PathBuf>) -> Arc<Device> {
         let comp = Comp::parse("lz4", &["algo=zstd level=9 priority=1"]).unwrap();
         Device::new(
             store.clone(),
