@@ -23,8 +23,9 @@
 //!    furthest above their fair share first, then the writer's own device, then the others;
 //!    at the device's own limit from that device (nothing else lowers its charge); compact,
 //!    and retry;
-//! 3. fail with [`Error::NoSpace`](crate::Error::NoSpace) only when a round moved nothing:
-//!    no cold page left, no backing file (or it is full, or its writeback limit is spent).
+//! 3. fail with [`Error::NoSpace`](crate::Error::NoSpace) only when a round moved nothing
+//!    (no cold page left, no backing file, or it is full, or its writeback limit is spent)
+//!    and one more try, for what concurrent reclaimers freed meanwhile, failed too.
 //!
 //! Cold, for direct reclaim: idle, or not accessed for the store's reclaim age, or
 //! incompressible, or huge. The writer holds no slot lock while it reclaims (a partial write
@@ -70,6 +71,13 @@ impl Charge {
         (u128::from(self.pool_bytes) * u128::from(ONE) / u128::from(self.compr_bytes))
             .clamp(1, u128::from(u64::MAX >> 20)) as u64
     }
+}
+
+/// One write's way through direct reclaim.
+#[derive(Debug, Default)]
+pub(crate) struct Attempt {
+    compacted: bool,
+    retried: bool,
 }
 
 /// Why an allocation could not be made.
@@ -205,12 +213,12 @@ impl Device {
     /// Makes room for a write that found `full`; see the module doc. No slot lock may be held
     /// by the caller. Returns whether anything was freed (then the caller retries).
     #[cold]
-    pub(crate) fn direct_reclaim(&self, full: Full, compacted: &mut bool) -> bool {
+    pub(crate) fn direct_reclaim(&self, full: Full, attempt: &mut Attempt) -> bool {
         preempt::might_sleep();
         let store = self.store();
-        if full == Full::Store && !*compacted {
+        if full == Full::Store && !attempt.compacted {
             // Once per write: what compaction frees, another writer may take first.
-            *compacted = true;
+            attempt.compacted = true;
             if store.freeable_pages() > 0 && store.compact() > 0 {
                 return true;
             }
@@ -229,7 +237,9 @@ impl Device {
             }
         }
         if moved == 0 {
-            return false;
+            // The cold pages left may be in another writer's hands, being written back to
+            // make room: retry the allocation once before giving up.
+            return !std::mem::replace(&mut attempt.retried, true);
         }
         store.compact();
         store.refresh_charge();

@@ -4,7 +4,7 @@ mod maintenance;
 
 use crate::PAGE_SIZE;
 use crate::backing::Backing;
-use crate::budget::Full;
+use crate::budget::{Attempt, Full};
 use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, Slot, SlotGuard, State};
 use crate::stats::{BdStat, Counters, DeviceMemory, IoStat, MmStat, Stats, TieringStats};
 use crate::{Error, SECTOR_SIZE, Store};
@@ -291,8 +291,8 @@ impl Device {
 
     /// Direct reclaim for a write that found `full` (no slot lock held); `Err(NoSpace)` when
     /// nothing could be freed.
-    fn make_room(&self, full: Full, compacted: &mut bool) -> Result<(), Error> {
-        if self.direct_reclaim(full, compacted) {
+    fn make_room(&self, full: Full, attempt: &mut Attempt) -> Result<(), Error> {
+        if self.direct_reclaim(full, attempt) {
             return Ok(());
         }
         self.counters().direct_reclaim_failed.fetch_add(1, Relaxed);
@@ -447,11 +447,11 @@ impl Device {
         stream: &mut Stream,
     ) -> Result<(), Error> {
         let enc = self.encode(src, stream)?;
-        let mut compacted = false;
+        let mut attempt = Attempt::default();
         let new = loop {
             match self.place(&enc, || slot.peek())? {
                 Ok(new) => break new,
-                Err(full) => self.make_room(full, &mut compacted)?,
+                Err(full) => self.make_room(full, &mut attempt)?,
             }
         };
         self.install(slot.lock(), new);
@@ -580,7 +580,7 @@ impl Device {
     ) -> Result<(), Error> {
         let slot = self.slots.get(index as usize);
         let mut page = [0u8; PAGE_SIZE];
-        let mut compacted = false;
+        let mut attempt = Attempt::default();
         loop {
             let g = slot.lock();
             self.decode(&g.entry, &mut page, stream)?;
@@ -597,7 +597,7 @@ impl Device {
                     // Reclaim holds no slot lock of ours: unlock, and start the
                     // read-modify-write over (the page may have changed meanwhile).
                     drop(g);
-                    self.make_room(full, &mut compacted)?;
+                    self.make_room(full, &mut attempt)?;
                 }
             }
         }
