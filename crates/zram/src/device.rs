@@ -1071,6 +1071,146 @@ mod tests {
         assert_ne!(read(&a, 0, &mut s), read(&b, 0, &mut s));
     }
 
+    /// Which pages of `dev` are written back.
+    fn in_file(dev: &Device) -> Vec<u64> {
+        (0..dev.pages)
+            .filter(|&i| dev.slots.get(i as usize).peek().state() == State::WrittenBack)
+            .collect()
+    }
+
+    #[test]
+    fn reclaim_resumes_where_it_stopped_and_wraps_around() {
+        let path = temp_path("clock");
+        let st = store(4096);
+        let dev = device(&st, 100, Some(path.clone()));
+        assert!(dev.has_backing());
+        let mut s = dev.new_stream();
+        for i in 0..100 {
+            dev.write_page(i, &page(PageKind::Heap, i), &mut s).unwrap();
+        }
+        let go = AtomicBool::new(false);
+        let (now, hour) = (Duration::ZERO, Duration::from_secs(3600));
+        let compr = dev.stats().mm_stat.compr_data_size;
+        let r = dev.reclaim(now, 30, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (30, 30));
+        assert_eq!(r.freed_bytes, compr - dev.stats().mm_stat.compr_data_size);
+        assert_eq!(in_file(&dev), (0..30).collect::<Vec<_>>());
+        let r = dev.reclaim(now, 30, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (30, 30));
+        assert_eq!(in_file(&dev), (0..60).collect::<Vec<_>>());
+        // One turn at most per call: the last 40, then round past the first 60.
+        let r = dev.reclaim(now, 1000, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (100, 40));
+        // Pages written again are found by a hand that wraps around.
+        dev.write_page(5, &page(PageKind::Heap, 5), &mut s).unwrap();
+        dev.write_page(7, &page(PageKind::Heap, 7), &mut s).unwrap();
+        let r = dev.reclaim(now, 1, &go).unwrap();
+        // The full turn began and ended at 60: from there round to 5.
+        assert_eq!((r.scanned, r.written), (46, 1));
+        let r = dev.reclaim(now, 1, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (2, 1), "6 and 7");
+        // Recently used pages are not cold, unless idle or huge.
+        dev.write_page(5, &page(PageKind::Heap, 5), &mut s).unwrap();
+        dev.write_page(9, &page(PageKind::Random, 9), &mut s)
+            .unwrap();
+        let r = dev.reclaim(hour, 10, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (100, 1), "the huge page");
+        dev.mark_idle(None);
+        assert_eq!(dev.reclaim(hour, 10, &go).unwrap().written, 1);
+        assert_eq!(in_file(&dev).len(), 100);
+        assert_eq!(
+            dev.reclaim(now, 10, &AtomicBool::new(true))
+                .unwrap()
+                .written,
+            0
+        );
+        for i in 0..100 {
+            let kind = if i == 9 {
+                PageKind::Random
+            } else {
+                PageKind::Heap
+            };
+            assert_eq!(read(&dev, i, &mut s), page(kind, i), "page {i}");
+        }
+        let t = dev.stats().tiering;
+        assert_eq!(
+            (t.written_back, t.promoted, t.direct_reclaimed),
+            (104, 100, 0)
+        );
+        assert!(device(&st, 4, None).reclaim(now, 1, &go).is_err());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn recompress_cold_resumes_where_it_stopped_and_wraps_around() {
+        let st = store(4096);
+        let dev = device(&st, 100, None);
+        let mut s = dev.new_stream();
+        for i in 0..100 {
+            dev.write_page(i, &page(PageKind::Text, i), &mut s).unwrap();
+        }
+        let (go, prio) = (AtomicBool::new(false), Priority::new(1).unwrap());
+        let (now, hour) = (Duration::ZERO, Duration::from_secs(3600));
+        let done = |dev: &Device| -> Vec<u64> {
+            (0..100)
+                .filter(|&i| {
+                    let e = dev.slots.get(i as usize).peek();
+                    e.prio() == 1 || e.has(INCOMPRESSIBLE)
+                })
+                .collect()
+        };
+        let r = dev.recompress_cold(now, 30, prio, &mut s, &go).unwrap();
+        assert_eq!(r.tried, 30);
+        assert_eq!(done(&dev), (0..30).collect::<Vec<_>>());
+        let r = dev.recompress_cold(now, 1000, prio, &mut s, &go).unwrap();
+        assert_eq!(r.tried, 70, "the rest, then round past the first 30");
+        assert_eq!(
+            dev.recompress_cold(now, 1000, prio, &mut s, &go)
+                .unwrap()
+                .tried,
+            0
+        );
+        dev.write_page(3, &page(PageKind::Text, 3), &mut s).unwrap();
+        assert_eq!(
+            dev.recompress_cold(hour, 10, prio, &mut s, &go)
+                .unwrap()
+                .tried,
+            0,
+            "page 3 was just written"
+        );
+        dev.mark_idle(None);
+        let r = dev.recompress_cold(hour, 10, prio, &mut s, &go).unwrap();
+        assert_eq!(r.tried, 1);
+        let t = dev.stats().tiering;
+        assert!(t.recompressed > 50, "{t:?}");
+        for i in 0..100 {
+            assert_eq!(read(&dev, i, &mut s), page(PageKind::Text, i), "page {i}");
+        }
+        assert!(
+            dev.recompress_cold(now, 1, Priority::PRIMARY, &mut s, &go)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_store_knows_its_live_devices_and_their_recent_use() {
+        let st = store(1024);
+        let a = device(&st, 16, None);
+        let b = device(&st, 16, None);
+        assert_eq!(st.devices().len(), 2);
+        assert!(Arc::ptr_eq(&st.devices()[0], &a));
+        drop(b);
+        assert_eq!(st.devices().len(), 1);
+        let mut s = a.new_stream();
+        for i in 0..10 {
+            a.write_page(i, &page(PageKind::Heap, i), &mut s).unwrap();
+        }
+        assert_eq!(a.recently_used_pages(Duration::from_secs(60)), 10);
+        assert!(!a.has_backing());
+        assert_eq!(a.mem_used(), st.mem_used_total());
+        assert_eq!(st.reclaim_age(), Duration::from_secs(120));
+    }
+
     #[test]
     #[cfg(debug_assertions)]
     #[should_panic(expected = "non-sleepable section")]

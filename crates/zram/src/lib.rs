@@ -18,7 +18,8 @@
 //!   cannot be freed under it. Different pages never wait on each other (beyond zsmalloc's short
 //!   class locks). Concurrent operations on one page are serialised and leave it old or new.
 //! - Partial (512-byte granular) writes read, patch and rewrite the page with its slot locked
-//!   throughout; maintenance (recompression, writeback) decodes under the slot lock, does its
+//!   throughout (at a memory limit they unlock, reclaim, and start over: no writer holds a
+//!   slot lock while it reclaims); maintenance (recompression, writeback) decodes under the slot lock, does its
 //!   slow work unlocked, and installs its result only if the slot still holds what it read.
 //!
 //! # Memory
