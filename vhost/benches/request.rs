@@ -26,7 +26,7 @@ fn bench(c: &mut Criterion) {
         size: SIZE,
         backing_file: None,
     };
-    let device = Arc::new(zram::Device::new(store, comp, cfg).unwrap());
+    let device = zram::Device::new(store, comp, cfg).unwrap();
     let served = BlkDevice::new(
         "b".into(),
         "/b".into(),

@@ -598,7 +598,7 @@ impl Config {
             let served = BlkDevice::new(
                 d.name.clone(),
                 d.socket.clone(),
-                Arc::new(device),
+                device,
                 usize::from(d.num_queues),
                 d.readonly,
                 d.serial.clone(),

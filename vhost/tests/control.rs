@@ -116,7 +116,7 @@ impl Fixture {
                 BlkDevice::new(
                     d.name.into(),
                     dir.0.join(format!("{}.sock", d.name)),
-                    Arc::new(device),
+                    device,
                     d.queues,
                     false,
                     format!("serial-{}", d.name),

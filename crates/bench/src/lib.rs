@@ -263,8 +263,7 @@ pub fn load_pages(path: &std::path::Path) -> Result<Arc<load::RealPages>, BenchE
 
 fn in_process_device(args: &BenchArgs) -> Result<Arc<zram::Device>, BenchError> {
     if let Some(dir) = &args.state_dir {
-        let device = open_state(args, dir)?.devices.pop().expect("one device");
-        return Ok(Arc::new(device));
+        return Ok(open_state(args, dir)?.devices.pop().expect("one device"));
     }
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
     let comp = Arc::new(zcomp::Comp::parse(&args.comp, &[]).map_err(|e| setup(&e))?);
@@ -273,9 +272,7 @@ fn in_process_device(args: &BenchArgs) -> Result<Arc<zram::Device>, BenchError> 
         size: args.size,
         backing_file: None,
     };
-    Ok(Arc::new(
-        zram::Device::new(store, comp, cfg).map_err(|e| setup(&e))?,
-    ))
+    zram::Device::new(store, comp, cfg).map_err(|e| setup(&e))
 }
 
 impl std::fmt::Display for BenchReport {

@@ -21,7 +21,7 @@ fn pages() -> Vec<[u8; PAGE_SIZE]> {
         .collect()
 }
 
-fn device(algo: &str, pages: u64) -> Device {
+fn device(algo: &str, pages: u64) -> Arc<Device> {
     let store = Arc::new(Store::new(zram::StoreConfig::default()).unwrap());
     let comp = zcomp::Comp::parse(algo, &[]).unwrap();
     Device::new(

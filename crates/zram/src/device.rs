@@ -4,12 +4,14 @@ mod maintenance;
 
 use crate::PAGE_SIZE;
 use crate::backing::Backing;
+use crate::budget::{Attempt, Full};
 use crate::slot::{Entry, IDLE, INCOMPRESSIBLE, Slot, SlotGuard, State};
-use crate::stats::{BdStat, Counters, IoStat, MmStat, Stats};
+use crate::stats::{BdStat, Counters, DeviceMemory, IoStat, MmStat, Stats, TieringStats};
 use crate::{Error, SECTOR_SIZE, Store};
 use region::Region;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use zcomp::{Comp, Priority, Stream};
@@ -71,6 +73,17 @@ pub struct RecompressResult {
     pub recompressed: u64,
 }
 
+/// What a cold-page writeback pass ([`Device::reclaim`]) did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reclaimed {
+    /// Slots looked at (at most one turn of the clock per call).
+    pub scanned: u64,
+    /// Pages moved to the backing file.
+    pub written: u64,
+    /// Compressed bytes those pages held in memory (a huge page 4096).
+    pub freed_bytes: u64,
+}
+
 /// A fixed-size block device of 4 KiB pages whose data lives compressed in a [`Store`].
 #[derive(Debug)]
 pub struct Device {
@@ -83,6 +96,13 @@ pub struct Device {
     counters: Region<Counters>,
     /// Access times are seconds since then.
     born: Instant,
+    /// This device's own memory limit in bytes, 0 = none (not kept in a state directory: it
+    /// is configuration, given again at every start).
+    mem_limit: AtomicU64,
+    /// The clock hands of the cold-page passes: the next slot writeback (reclaim, direct
+    /// reclaim) and cold recompression look at.
+    writeback_cursor: AtomicU64,
+    recompress_cursor: AtomicU64,
 }
 
 /// A page of one repeated 8-byte word: its value.
@@ -101,7 +121,8 @@ fn fill_word(dst: &mut [u8; PAGE_SIZE], word: u64) {
 }
 
 impl Device {
-    pub fn new(store: Arc<Store>, comp: Arc<Comp>, cfg: Config) -> Result<Device, Error> {
+    /// Makes a device on `store` and registers it there ([`Store::devices`]).
+    pub fn new(store: Arc<Store>, comp: Arc<Comp>, cfg: Config) -> Result<Arc<Device>, Error> {
         if cfg.size == 0 || !cfg.size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(Error::InvalidArgument(format!(
                 "device size {} is not a positive multiple of 4096",
@@ -125,7 +146,7 @@ impl Device {
     }
 
     /// A device over a slot table and counters: fresh ones, or a state directory's files,
-    /// which the caller recovers first ([`crate::state`]).
+    /// which the caller recovers first ([`crate::state`]). Registered in its store.
     pub(crate) fn attach(
         store: Arc<Store>,
         comp: Arc<Comp>,
@@ -133,8 +154,8 @@ impl Device {
         counters: Region<Counters>,
         backing: Option<Backing>,
         born: Instant,
-    ) -> Device {
-        Device {
+    ) -> Arc<Device> {
+        let dev = Arc::new(Device {
             pages: slots.capacity() as u64,
             slots,
             store,
@@ -142,11 +163,43 @@ impl Device {
             backing,
             counters,
             born,
-        }
+            mem_limit: AtomicU64::new(0),
+            writeback_cursor: AtomicU64::new(0),
+            recompress_cursor: AtomicU64::new(0),
+        });
+        dev.store.register(&dev);
+        dev
     }
 
     fn counters(&self) -> &Counters {
         self.counters.get(0)
+    }
+
+    /// Compressed bytes in memory (zram's `compr_data_size`).
+    pub(crate) fn compr_bytes(&self) -> u64 {
+        self.counters().compr_data_size.load(Relaxed)
+    }
+
+    /// This device's memory: its compressed bytes plus its share of the allocator's overhead
+    /// (the pool's bytes split in proportion to compressed bytes across the store's devices).
+    pub fn mem_used(&self) -> u64 {
+        self.store.refresh_charge().of(self.compr_bytes())
+    }
+
+    /// Sets this device's own memory limit in bytes, on top of the store's; 0 removes it.
+    /// Lowering it below what the device uses frees nothing by itself: the device's next
+    /// writes reclaim (or fail) until it is back under.
+    pub fn set_mem_limit(&self, bytes: u64) {
+        self.mem_limit.store(bytes, Relaxed);
+    }
+
+    pub fn mem_limit(&self) -> u64 {
+        self.mem_limit.load(Relaxed)
+    }
+
+    /// Whether pages can be written back (a backing file is configured).
+    pub fn has_backing(&self) -> bool {
+        self.backing.is_some()
     }
 
     /// Size in bytes.
@@ -191,22 +244,59 @@ impl Device {
 
     // ---- encoding and decoding -----------------------------------------------------------
 
-    /// Turns a page into a slot entry: same-filled, or compressed (or raw) into a new pool
-    /// object. Takes no lock of ours: compression may sleep.
-    fn encode(&self, src: &[u8; PAGE_SIZE], stream: &mut Stream) -> Result<Entry, Error> {
+    /// Turns a page into what its slot will hold: a same-filled word, or the bytes of its
+    /// object (compressed, or raw if compression does not pay). Takes no lock of ours:
+    /// compression may sleep.
+    fn encode<'a>(
+        &self,
+        src: &'a [u8; PAGE_SIZE],
+        stream: &'a mut Stream,
+    ) -> Result<Encoded<'a>, Error> {
         if let Some(word) = same_filled(src) {
-            return Ok(Entry::new(State::Same, word, 0, 0));
+            return Ok(Encoded::Same(word));
         }
-        let pool = self.store.pool();
         let compressed = stream.codec.compress_with(Priority::PRIMARY, src)?;
-        let (state, bytes): (State, &[u8]) = if compressed.len() >= pool.huge_class_size() {
-            (State::Huge, src)
+        Ok(if compressed.len() >= self.store.pool().huge_class_size() {
+            Encoded::Object(State::Huge, src)
         } else {
-            (State::Compressed, compressed)
+            Encoded::Object(State::Compressed, compressed)
+        })
+    }
+
+    /// The slot entry for an encoded page, allocating and filling its object; `Ok(Err(_))`
+    /// when a limit is in the way (the caller reclaims, holding no slot lock, and retries).
+    /// `replaces` gives the entry the page holds now, for the device limit (read only when
+    /// the device has a limit: the write path without one pays a single relaxed load).
+    fn place(
+        &self,
+        enc: &Encoded<'_>,
+        replaces: impl FnOnce() -> Entry,
+    ) -> Result<Result<Entry, Full>, Error> {
+        let (state, bytes) = match *enc {
+            Encoded::Same(word) => return Ok(Ok(Entry::new(State::Same, word, 0, 0))),
+            Encoded::Object(state, bytes) => (state, bytes),
         };
-        let h = self.store.malloc(bytes.len())?;
-        pool.write(h, bytes);
-        Ok(Entry::new(state, h.raw() as u64, bytes.len(), 0))
+        let limit = self.mem_limit();
+        if limit != 0 && !self.within(limit, bytes.len() as u64, charged(&replaces())) {
+            return Ok(Err(Full::Device));
+        }
+        let h = match self.store.malloc(bytes.len()) {
+            Ok(h) => h,
+            Err(Error::NoSpace) => return Ok(Err(Full::Store)),
+            Err(e) => return Err(e),
+        };
+        self.store.pool().write(h, bytes);
+        Ok(Ok(Entry::new(state, h.raw() as u64, bytes.len(), 0)))
+    }
+
+    /// Direct reclaim for a write that found `full` (no slot lock held); `Err(NoSpace)` when
+    /// nothing could be freed.
+    fn make_room(&self, full: Full, attempt: &mut Attempt) -> Result<(), Error> {
+        if self.direct_reclaim(full, attempt) {
+            return Ok(());
+        }
+        self.counters().direct_reclaim_failed.fetch_add(1, Relaxed);
+        Err(Error::NoSpace)
     }
 
     fn handle(e: &Entry) -> Handle {
@@ -343,11 +433,29 @@ impl Device {
         stream: &mut Stream,
     ) -> Result<(), Error> {
         let slot = self.slot(index)?;
-        let r = self
-            .encode(src, stream)
-            .map(|new| self.install(slot.lock(), new));
+        let r = self.store_page(slot, src, stream);
         self.count_io(&r, true);
         r
+    }
+
+    /// A whole-page write: compress unlocked, allocate (reclaiming at a limit, unlocked too),
+    /// then lock the slot only to install.
+    fn store_page(
+        &self,
+        slot: &Slot,
+        src: &[u8; PAGE_SIZE],
+        stream: &mut Stream,
+    ) -> Result<(), Error> {
+        let enc = self.encode(src, stream)?;
+        let mut attempt = Attempt::default();
+        let new = loop {
+            match self.place(&enc, || slot.peek())? {
+                Ok(new) => break new,
+                Err(full) => self.make_room(full, &mut attempt)?,
+            }
+        };
+        self.install(slot.lock(), new);
+        Ok(())
     }
 
     /// zram's io_stat failures. Successful I/O is counted by the block layer above (the
@@ -470,15 +578,29 @@ impl Device {
         bytes: &[u8],
         stream: &mut Stream,
     ) -> Result<(), Error> {
-        let g = self.slots.get(index as usize).lock();
+        let slot = self.slots.get(index as usize);
         let mut page = [0u8; PAGE_SIZE];
-        self.decode(&g.entry, &mut page, stream)?;
-        page[at..at + bytes.len()].copy_from_slice(bytes);
-        // Compressing under the slot lock is allowed (it is sleepable) and keeps the
-        // read-modify-write whole.
-        let new = self.encode(&page, stream)?;
-        self.install(g, new);
-        Ok(())
+        let mut attempt = Attempt::default();
+        loop {
+            let g = slot.lock();
+            self.decode(&g.entry, &mut page, stream)?;
+            page[at..at + bytes.len()].copy_from_slice(bytes);
+            // Compressing under the slot lock is allowed (it is sleepable) and keeps the
+            // read-modify-write whole.
+            let enc = self.encode(&page, stream)?;
+            match self.place(&enc, || g.entry)? {
+                Ok(new) => {
+                    self.install(g, new);
+                    return Ok(());
+                }
+                Err(full) => {
+                    // Reclaim holds no slot lock of ours: unlock, and start the
+                    // read-modify-write over (the page may have changed meanwhile).
+                    drop(g);
+                    self.make_room(full, &mut attempt)?;
+                }
+            }
+        }
     }
 
     // ---- statistics ----------------------------------------------------------------------
@@ -515,7 +637,34 @@ impl Device {
                 bd_reads: c.bd_reads.load(Relaxed),
                 bd_writes: c.bd_writes.load(Relaxed),
             },
+            memory: DeviceMemory {
+                used: self.mem_used(),
+                limit: self.mem_limit(),
+                share: store.fair_share(self, store.devices().len()),
+            },
+            tiering: TieringStats {
+                recompressed: c.recompressed.load(Relaxed),
+                written_back: c.bd_writes.load(Relaxed),
+                direct_reclaimed: c.direct_reclaimed.load(Relaxed),
+                direct_reclaim_failed: c.direct_reclaim_failed.load(Relaxed),
+                promoted: c.bd_reads.load(Relaxed),
+            },
         }
+    }
+}
+
+/// A page ready to store: what [`Device::encode`] makes, before it has memory.
+enum Encoded<'a> {
+    Same(u64),
+    /// `Compressed` or `Huge`, and the object's bytes.
+    Object(State, &'a [u8]),
+}
+
+/// Compressed bytes an entry holds in memory (a huge page 4096; 0 if none).
+fn charged(e: &Entry) -> u64 {
+    match e.state() {
+        State::Compressed | State::Huge => e.len() as u64,
+        _ => 0,
     }
 }
 
@@ -557,7 +706,7 @@ mod tests {
         )
     }
 
-    fn device(store: &Arc<Store>, pages: u64, backing: Option<PathBuf>) -> Device {
+    fn device(store: &Arc<Store>, pages: u64, backing: Option<PathBuf>) -> Arc<Device> {
         let comp = Comp::parse("lz4", &["algo=zstd level=9 priority=1"]).unwrap();
         Device::new(
             store.clone(),
@@ -920,6 +1069,146 @@ mod tests {
             b.stats().mm_stat.mem_used_total
         );
         assert_ne!(read(&a, 0, &mut s), read(&b, 0, &mut s));
+    }
+
+    /// Which pages of `dev` are written back.
+    fn in_file(dev: &Device) -> Vec<u64> {
+        (0..dev.pages)
+            .filter(|&i| dev.slots.get(i as usize).peek().state() == State::WrittenBack)
+            .collect()
+    }
+
+    #[test]
+    fn reclaim_resumes_where_it_stopped_and_wraps_around() {
+        let path = temp_path("clock");
+        let st = store(4096);
+        let dev = device(&st, 100, Some(path.clone()));
+        assert!(dev.has_backing());
+        let mut s = dev.new_stream();
+        for i in 0..100 {
+            dev.write_page(i, &page(PageKind::Heap, i), &mut s).unwrap();
+        }
+        let go = AtomicBool::new(false);
+        let (now, hour) = (Duration::ZERO, Duration::from_secs(3600));
+        let compr = dev.stats().mm_stat.compr_data_size;
+        let r = dev.reclaim(now, 30, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (30, 30));
+        assert_eq!(r.freed_bytes, compr - dev.stats().mm_stat.compr_data_size);
+        assert_eq!(in_file(&dev), (0..30).collect::<Vec<_>>());
+        let r = dev.reclaim(now, 30, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (30, 30));
+        assert_eq!(in_file(&dev), (0..60).collect::<Vec<_>>());
+        // One turn at most per call: the last 40, then round past the first 60.
+        let r = dev.reclaim(now, 1000, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (100, 40));
+        // Pages written again are found by a hand that wraps around.
+        dev.write_page(5, &page(PageKind::Heap, 5), &mut s).unwrap();
+        dev.write_page(7, &page(PageKind::Heap, 7), &mut s).unwrap();
+        let r = dev.reclaim(now, 1, &go).unwrap();
+        // The full turn began and ended at 60: from there round to 5.
+        assert_eq!((r.scanned, r.written), (46, 1));
+        let r = dev.reclaim(now, 1, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (2, 1), "6 and 7");
+        // Recently used pages are not cold, unless idle or huge.
+        dev.write_page(5, &page(PageKind::Heap, 5), &mut s).unwrap();
+        dev.write_page(9, &page(PageKind::Random, 9), &mut s)
+            .unwrap();
+        let r = dev.reclaim(hour, 10, &go).unwrap();
+        assert_eq!((r.scanned, r.written), (100, 1), "the huge page");
+        dev.mark_idle(None);
+        assert_eq!(dev.reclaim(hour, 10, &go).unwrap().written, 1);
+        assert_eq!(in_file(&dev).len(), 100);
+        assert_eq!(
+            dev.reclaim(now, 10, &AtomicBool::new(true))
+                .unwrap()
+                .written,
+            0
+        );
+        for i in 0..100 {
+            let kind = if i == 9 {
+                PageKind::Random
+            } else {
+                PageKind::Heap
+            };
+            assert_eq!(read(&dev, i, &mut s), page(kind, i), "page {i}");
+        }
+        let t = dev.stats().tiering;
+        assert_eq!(
+            (t.written_back, t.promoted, t.direct_reclaimed),
+            (104, 100, 0)
+        );
+        assert!(device(&st, 4, None).reclaim(now, 1, &go).is_err());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn recompress_cold_resumes_where_it_stopped_and_wraps_around() {
+        let st = store(4096);
+        let dev = device(&st, 100, None);
+        let mut s = dev.new_stream();
+        for i in 0..100 {
+            dev.write_page(i, &page(PageKind::Text, i), &mut s).unwrap();
+        }
+        let (go, prio) = (AtomicBool::new(false), Priority::new(1).unwrap());
+        let (now, hour) = (Duration::ZERO, Duration::from_secs(3600));
+        let done = |dev: &Device| -> Vec<u64> {
+            (0..100)
+                .filter(|&i| {
+                    let e = dev.slots.get(i as usize).peek();
+                    e.prio() == 1 || e.has(INCOMPRESSIBLE)
+                })
+                .collect()
+        };
+        let r = dev.recompress_cold(now, 30, prio, &mut s, &go).unwrap();
+        assert_eq!(r.tried, 30);
+        assert_eq!(done(&dev), (0..30).collect::<Vec<_>>());
+        let r = dev.recompress_cold(now, 1000, prio, &mut s, &go).unwrap();
+        assert_eq!(r.tried, 70, "the rest, then round past the first 30");
+        assert_eq!(
+            dev.recompress_cold(now, 1000, prio, &mut s, &go)
+                .unwrap()
+                .tried,
+            0
+        );
+        dev.write_page(3, &page(PageKind::Text, 3), &mut s).unwrap();
+        assert_eq!(
+            dev.recompress_cold(hour, 10, prio, &mut s, &go)
+                .unwrap()
+                .tried,
+            0,
+            "page 3 was just written"
+        );
+        dev.mark_idle(None);
+        let r = dev.recompress_cold(hour, 10, prio, &mut s, &go).unwrap();
+        assert_eq!(r.tried, 1);
+        let t = dev.stats().tiering;
+        assert!(t.recompressed > 50, "{t:?}");
+        for i in 0..100 {
+            assert_eq!(read(&dev, i, &mut s), page(PageKind::Text, i), "page {i}");
+        }
+        assert!(
+            dev.recompress_cold(now, 1, Priority::PRIMARY, &mut s, &go)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_store_knows_its_live_devices_and_their_recent_use() {
+        let st = store(1024);
+        let a = device(&st, 16, None);
+        let b = device(&st, 16, None);
+        assert_eq!(st.devices().len(), 2);
+        assert!(Arc::ptr_eq(&st.devices()[0], &a));
+        drop(b);
+        assert_eq!(st.devices().len(), 1);
+        let mut s = a.new_stream();
+        for i in 0..10 {
+            a.write_page(i, &page(PageKind::Heap, i), &mut s).unwrap();
+        }
+        assert_eq!(a.recently_used_pages(Duration::from_secs(60)), 10);
+        assert!(!a.has_backing());
+        assert_eq!(a.mem_used(), st.mem_used_total());
+        assert_eq!(st.reclaim_age(), Duration::from_secs(120));
     }
 
     #[test]

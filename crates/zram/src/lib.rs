@@ -18,13 +18,27 @@
 //!   cannot be freed under it. Different pages never wait on each other (beyond zsmalloc's short
 //!   class locks). Concurrent operations on one page are serialised and leave it old or new.
 //! - Partial (512-byte granular) writes read, patch and rewrite the page with its slot locked
-//!   throughout; maintenance (recompression, writeback) decodes under the slot lock, does its
+//!   throughout (at a memory limit they unlock, reclaim, and start over: no writer holds a
+//!   slot lock while it reclaims); maintenance (recompression, writeback) decodes under the slot lock, does its
 //!   slow work unlocked, and installs its result only if the slot still holds what it read.
 //!
 //! # Memory
 //!
-//! Devices share a [`Store`]: one zsmalloc pool and one memory limit. A write that would take
-//! the pool past the limit fails with [`Error::NoSpace`]; the page keeps its old content.
+//! Devices share a [`Store`]: one zsmalloc pool and one memory limit, and the store keeps a
+//! registry of its live devices ([`Store::devices`]) so that memory can be charged to them.
+//! A device's memory ([`Device::mem_used`]) is its compressed bytes plus its share of the
+//! allocator's overhead, the pool split in proportion to compressed bytes: the devices' shares
+//! add up to the pool. A device may have its own limit ([`Device::set_mem_limit`]) under the
+//! store's.
+//!
+//! A write that would cross a limit reclaims first, as the kernel does before it fails an
+//! allocation (`budget.rs`): it compacts the pool, then moves cold pages (idle, older than
+//! [`Store::set_reclaim_age`], incompressible or huge) to the backing files in batches:
+//! at the store's limit from the devices furthest above their fair share first, then the
+//! writer's own, then the rest; at a device's own limit from that device. Only when no cold
+//! page is left to move (or there is no backing file) does the write fail with
+//! [`Error::NoSpace`], the page keeping its old content. The write path pays nothing for
+//! this until a limit is hit: one relaxed load when its device has no limit of its own.
 //!
 //! # The daemon's interface to storage
 //!
@@ -37,6 +51,7 @@
 //! [`SECTOR_SIZE`] is defined here, the lowest crate that needs it.
 
 mod backing;
+mod budget;
 mod device;
 pub mod policy;
 mod slot;
@@ -44,10 +59,12 @@ pub mod state;
 mod stats;
 
 pub use backing::existing_data as backing_file_data;
-pub use device::{Config, Device, PageFilter, RecompressResult};
+pub use device::{Config, Device, PageFilter, Reclaimed, RecompressResult};
 pub use region::PAGE_SIZE;
-pub use stats::{BdStat, IoStat, MmStat, PoolStats, Stats};
+pub use stats::{BdStat, DeviceMemory, IoStat, MmStat, PoolStats, Stats, TieringStats};
 
+use parking_lot::Mutex;
+use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use zsmalloc::{Handle, Pool};
 
@@ -111,13 +128,22 @@ impl Default for StoreConfig {
     }
 }
 
-/// Memory that devices share: the pool, its limit and its high-water mark; and, for a store
-/// kept in a state directory ([`state::open`]), that directory's lock.
+/// Memory that devices share: the pool, its limit and its high-water mark, the registry of
+/// the devices on it; and, for a store kept in a state directory ([`state::open`]), that
+/// directory's lock.
 #[derive(Debug)]
 pub struct Store {
     pool: Pool,
     limit: AtomicU64,
     max_used_pages: AtomicU64,
+    /// The devices made on this store (dead entries are pruned when the list is walked).
+    devices: Mutex<Vec<Weak<Device>>>,
+    /// Seconds since its last access after which a page is cold for direct reclaim.
+    reclaim_age: AtomicU64,
+    /// Pool bytes per compressed byte (16.16 fixed point), cached for the write path's
+    /// per-device limit check, and the pool's pages when it was computed (`budget.rs`).
+    charge: AtomicU64,
+    charged_at: AtomicU64,
     state: Option<state::Held>,
 }
 
@@ -147,6 +173,10 @@ impl Store {
             max_used_pages: AtomicU64::new(pool.pages_used() as u64),
             pool,
             limit: AtomicU64::new(0),
+            devices: Mutex::new(Vec::new()),
+            reclaim_age: AtomicU64::new(budget::DEFAULT_RECLAIM_AGE.as_secs()),
+            charge: AtomicU64::new(budget::ONE),
+            charged_at: AtomicU64::new(0),
             state,
         };
         store.set_mem_limit(mem_limit);

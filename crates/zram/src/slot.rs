@@ -165,7 +165,26 @@ impl Slot {
 }
 
 impl Slot {
-    /// The entry, without locking (recovery, before anyone else can see the slot).
+    /// Locks the slot if nobody holds it; never waits. Cold-page scans use it: a page
+    /// someone holds is being used, so not cold, and a scan must not wait on it.
+    pub fn try_lock(&self) -> Option<SlotGuard<'_>> {
+        let v = self.0.load(Relaxed);
+        let entry = Entry::unpack(v);
+        if entry.meta & LOCK != 0 {
+            return None;
+        }
+        let locked = Entry {
+            meta: entry.meta | LOCK,
+            ..entry
+        };
+        self.0
+            .compare_exchange(v, locked.pack(), Acquire, Relaxed)
+            .ok()
+            .map(|_| SlotGuard { slot: self, entry })
+    }
+
+    /// The entry, without locking: recovery (before anyone else can see the slot), and scans
+    /// that only look for candidates (a candidate is locked and checked again).
     pub fn peek(&self) -> Entry {
         Entry::unpack(self.0.load(Acquire))
     }
@@ -243,6 +262,9 @@ mod tests {
         assert!(g.entry.has(IDLE));
         assert_eq!(g.entry.atime(), 1234);
         assert_eq!(g.entry.state(), State::Compressed);
+        assert!(s.try_lock().is_none(), "held");
+        drop(g);
+        assert!(s.try_lock().unwrap().entry.same_object(&e));
     }
 
     #[test]

@@ -157,8 +157,8 @@ pub enum Attach {
 #[derive(Debug)]
 pub struct Opened {
     pub store: Arc<Store>,
-    /// In the order of the specs given.
-    pub devices: Vec<Device>,
+    /// In the order of the specs given, registered in the store.
+    pub devices: Vec<Arc<Device>>,
     pub attach: Attach,
     /// Pages found stored (all devices), and how long attaching took.
     pub pages: u64,

@@ -26,6 +26,13 @@ pub(crate) struct Counters {
     pub writeback_limit: AtomicU64,
     /// 0 or 1 (an integer: the counters may live in a file, where a bool could be anything).
     pub writeback_limit_enable: AtomicU64,
+    // Appended by the budgets and tiering work: a state file from before reads them as 0.
+    /// Pages kept in a smaller form by recompression (any pass).
+    pub recompressed: AtomicU64,
+    /// Pages of this device moved to the backing file by direct reclaim (any writer's).
+    pub direct_reclaimed: AtomicU64,
+    /// Writes to this device that failed at a limit after reclaim found nothing to move.
+    pub direct_reclaim_failed: AtomicU64,
 }
 
 // SAFETY: a struct of AtomicU64 only: every bit pattern, zero included, is valid.
@@ -93,6 +100,35 @@ pub struct BdStat {
     pub bd_writes: u64,
 }
 
+/// A device's memory, in bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceMemory {
+    /// Its compressed bytes plus its share of the allocator's overhead (the pool split in
+    /// proportion to compressed bytes: the devices' `used` add up to the pool's).
+    pub used: u64,
+    /// Its own limit; 0 = none (the store's limit still applies).
+    pub limit: u64,
+    /// Its fair share at the store's limit: its own limit if set, else the store's limit split
+    /// evenly between the devices; 0 when neither is set. Direct reclaim takes pages from the
+    /// devices furthest above their share first.
+    pub share: u64,
+}
+
+/// What moved a device's pages between tiers, in pages since the device was made.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TieringStats {
+    /// Kept in a smaller form by recompression with a secondary algorithm.
+    pub recompressed: u64,
+    /// Moved to the backing file, by any path (`bd_writes`).
+    pub written_back: u64,
+    /// Of those, moved by direct reclaim (a write at a limit).
+    pub direct_reclaimed: u64,
+    /// Writes that failed at a limit with nothing left to reclaim.
+    pub direct_reclaim_failed: u64,
+    /// Read back from the backing file (`bd_reads`).
+    pub promoted: u64,
+}
+
 /// A snapshot of a device's statistics.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -101,6 +137,11 @@ pub struct Stats {
     pub mm_stat: MmStat,
     pub io_stat: IoStat,
     pub bd_stat: BdStat,
+    /// Absent in the statistics of an older daemon: read as zeros.
+    #[serde(default)]
+    pub memory: DeviceMemory,
+    #[serde(default)]
+    pub tiering: TieringStats,
 }
 
 /// The store's allocator: how much it holds and how full its tables are.

@@ -180,7 +180,7 @@ fn maintain(dev: &Device, stop: &AtomicBool) -> u64 {
     rounds
 }
 
-fn device(store: Arc<Store>, pages: u64, file: &TempFile) -> Device {
+fn device(store: Arc<Store>, pages: u64, file: &TempFile) -> Arc<Device> {
     Device::new(
         store,
         comp(3),

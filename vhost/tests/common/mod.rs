@@ -23,7 +23,7 @@ pub fn served(
     BlkDevice::new(
         "vz0".into(),
         socket,
-        Arc::new(device),
+        device,
         usize::from(num_queues),
         readonly,
         "vzram-test".into(),
