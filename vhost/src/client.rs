@@ -3,12 +3,12 @@
 
 use crate::control::proto::*;
 use crate::prometheus;
-use zram::policy::PolicyStats;
 use crate::table::{self, human_size};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use zram::policy::PolicyStats;
 
 /// Where the client looks for the daemon when neither `--control` nor [`CONTROL_ENV`] is set.
 pub const DEFAULT_CONTROL: &str = "/run/vzram/vzram.ctl";
@@ -420,7 +420,7 @@ mod tests {
             .map(|c| c.get_name().to_string())
             .filter(|n| n != "help")
             .collect();
-        assert_eq!(names.len(), 8);
+        assert_eq!(names.len(), 9);
         for name in names {
             let help = cli
                 .find_subcommand_mut(&name)

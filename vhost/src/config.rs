@@ -129,7 +129,7 @@ pub struct ServeArgs {
     /// Run the tiering policy: compaction when the pool fragments, recompression of cold
     /// pages with the first --recomp algorithm, writeback of cold pages to the backing files
     /// when memory runs short (`vzram policy` shows and changes it at run time)
-    #[arg(long, value_name = "on|off", default_value = "on",
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set,
           value_parser = crate::control::parse_on_off)]
     pub policy: bool,
 
@@ -595,6 +595,7 @@ impl Config {
         };
         let mut devices = Vec::new();
         for (d, device) in self.devices.iter().zip(zdevices) {
+            device.set_mem_limit(d.mem_limit);
             let served = BlkDevice::new(
                 d.name.clone(),
                 d.socket.clone(),
@@ -644,7 +645,10 @@ mod tests {
             ("socket=/a,size=1000", "multiple of 4 KiB"),
             ("socket=/a,size=1G,colour=red", "unknown key \"colour\""),
             ("socket=/a,size=1G,num-queues=0", "num-queues=0"),
-            ("socket=/a,size=1G,mem-limit=lots", "mem-limit: size \"lots\""),
+            (
+                "socket=/a,size=1G,mem-limit=lots",
+                "mem-limit: size \"lots\"",
+            ),
             ("socket=,size=1G", "socket= needs a value"),
             (
                 "socket=/a,size=1G,serial=123456789012345678901",
@@ -694,7 +698,10 @@ mod tests {
         assert_eq!(p.idle_age, Duration::from_secs(30));
         assert_eq!(p.high_watermark, 0.95);
         // What was not given keeps the policy's default.
-        assert_eq!(p.low_watermark, zram::policy::PolicyConfig::default().low_watermark);
+        assert_eq!(
+            p.low_watermark,
+            zram::policy::PolicyConfig::default().low_watermark
+        );
         assert_eq!(c.policy.psi_file, PathBuf::from("/nonexistent"));
         let c = config(&serve_args("--socket a.sock --size 1G")).unwrap();
         assert_eq!(c.devices[0].serial, "vzram-vz0");

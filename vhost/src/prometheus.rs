@@ -7,6 +7,7 @@
 
 use crate::control::proto::{DeviceStat, StatReply};
 use std::fmt::Write;
+use zram::policy::DevicePolicyStats;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -29,7 +30,7 @@ fn family<'a>(out: &'a mut String, name: &str, kind: Kind, help: &str) -> Family
 }
 
 impl Family<'_> {
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');
@@ -53,6 +54,7 @@ fn escape(v: &str) -> String {
 }
 
 type DeviceField = fn(&DeviceStat) -> u64;
+type PolicyField = fn(&DevicePolicyStats) -> f64;
 
 /// Per-device series: name, kind, help, value.
 const DEVICE: &[(&str, Kind, &str, DeviceField)] = &[
@@ -176,6 +178,82 @@ const DEVICE: &[(&str, Kind, &str, DeviceField)] = &[
         "Requests completed with an I/O error.",
         |d| d.queues.iter().map(|q| q.io_errors).sum(),
     ),
+    (
+        "vzram_mem_used_bytes",
+        Kind::Gauge,
+        "The device's memory: its compressed bytes and its part of the pool's overhead.",
+        |d| d.memory.used,
+    ),
+    (
+        "vzram_mem_limit_bytes",
+        Kind::Gauge,
+        "The device's own memory limit; 0 = only the store's.",
+        |d| d.memory.limit,
+    ),
+    (
+        "vzram_mem_share_bytes",
+        Kind::Gauge,
+        "The device's fair share of the store's limit; 0 = no limit.",
+        |d| d.memory.share,
+    ),
+    (
+        "vzram_recompressed_pages_total",
+        Kind::Counter,
+        "Pages kept in a smaller form by recompression.",
+        |d| d.tiering.recompressed,
+    ),
+    (
+        "vzram_direct_reclaimed_pages_total",
+        Kind::Counter,
+        "Pages moved to the backing file by writes at a memory limit (direct reclaim).",
+        |d| d.tiering.direct_reclaimed,
+    ),
+    (
+        "vzram_direct_reclaim_failed_total",
+        Kind::Counter,
+        "Writes that failed at a limit with nothing cold left to move.",
+        |d| d.tiering.direct_reclaim_failed,
+    ),
+];
+
+/// Per-device series of the policy: name, kind, help, value.
+const POLICY_DEVICE: &[(&str, Kind, &str, PolicyField)] = &[
+    (
+        "vzram_policy_recompressed_pages_total",
+        Kind::Counter,
+        "Pages the policy recompressed into a smaller form.",
+        |d| d.recompressed as f64,
+    ),
+    (
+        "vzram_policy_written_back_pages_total",
+        Kind::Counter,
+        "Pages the policy wrote back to the backing file.",
+        |d| d.written_back as f64,
+    ),
+    (
+        "vzram_policy_promotions_per_minute",
+        Kind::Gauge,
+        "Pages read back from the backing file in the last minute.",
+        |d| d.promotions_per_min,
+    ),
+    (
+        "vzram_policy_promotion_target_per_minute",
+        Kind::Gauge,
+        "The most promotions per minute before the device's writeback backs off.",
+        |d| d.promotion_target_per_min,
+    ),
+    (
+        "vzram_policy_cold_age_seconds",
+        Kind::Gauge,
+        "Pages not accessed for this long are cold on this device (grows under back-off).",
+        |d| d.cold_age_secs,
+    ),
+    (
+        "vzram_policy_throttled",
+        Kind::Gauge,
+        "1 while the device's promotions are above target and its writeback is held back.",
+        |d| f64::from(u8::from(d.throttled)),
+    ),
 ];
 
 /// The whole reply as a Prometheus text file.
@@ -184,6 +262,13 @@ pub fn render(stat: &StatReply) -> String {
     for &(name, kind, help, value) in DEVICE {
         let mut f = family(&mut out, name, kind, help);
         for d in &stat.devices {
+            f.sample(name, &[("device", &d.name)], value(d) as f64);
+        }
+    }
+    let p = &stat.policy;
+    for &(name, kind, help, value) in POLICY_DEVICE {
+        let mut f = family(&mut out, name, kind, help);
+        for d in &p.devices {
             f.sample(name, &[("device", &d.name)], value(d));
         }
     }
@@ -233,6 +318,68 @@ pub fn render(stat: &StatReply) -> String {
         ),
     ];
     for (name, kind, help, value) in store {
+        family(&mut out, name, kind, help).sample(name, &[], value as f64);
+    }
+    let c = &p.config;
+    let mut policy = vec![
+        (
+            "vzram_policy_enabled",
+            Kind::Gauge,
+            "1 while the tiering policy runs.",
+            f64::from(u8::from(p.enabled)),
+        ),
+        (
+            "vzram_policy_passes_total",
+            Kind::Counter,
+            "Passes the policy has made.",
+            p.ticks as f64,
+        ),
+        (
+            "vzram_policy_cpu_seconds_total",
+            Kind::Counter,
+            "CPU time the policy's passes took.",
+            p.cpu_secs,
+        ),
+        (
+            "vzram_policy_compacted_pages_total",
+            Kind::Counter,
+            "Pool pages freed by the policy's compactions.",
+            p.compacted_pages as f64,
+        ),
+        (
+            "vzram_policy_errors_total",
+            Kind::Counter,
+            "Policy operations that failed.",
+            p.errors as f64,
+        ),
+        (
+            "vzram_policy_idle_age_seconds",
+            Kind::Gauge,
+            "Setting: pages not accessed for this long are cold.",
+            c.idle_age.as_secs_f64(),
+        ),
+        (
+            "vzram_policy_high_watermark_ratio",
+            Kind::Gauge,
+            "Setting: writeback starts above this fraction of a memory limit.",
+            c.high_watermark,
+        ),
+        (
+            "vzram_policy_low_watermark_ratio",
+            Kind::Gauge,
+            "Setting: writeback stops at this fraction of a memory limit.",
+            c.low_watermark,
+        ),
+    ];
+    if let Some(psi) = p.last_psi {
+        policy.push((
+            "vzram_policy_psi_some_avg10",
+            Kind::Gauge,
+            "Host memory pressure the policy last read (PSI some avg10, percent).",
+            psi,
+        ));
+    }
+    for (name, kind, help, value) in policy {
         family(&mut out, name, kind, help).sample(name, &[], value);
     }
     out
@@ -264,11 +411,22 @@ mod tests {
                 freeable_pages: 1,
                 pool: Default::default(),
             },
+            policy: zram::policy::PolicyStats {
+                enabled: true,
+                cpu_secs: 0.25,
+                last_psi: Some(1.5),
+                devices: vec![zram::policy::DevicePolicyStats {
+                    name: "vm1".into(),
+                    cold_age_secs: 150.0,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
         }
     }
 
     /// Checks the exposition format's rules a scraper enforces, and returns the samples.
-    fn parse(text: &str) -> HashMap<String, u64> {
+    fn parse(text: &str) -> HashMap<String, f64> {
         let valid_name = |n: &str| {
             !n.is_empty()
                 && !n.starts_with(|c: char| c.is_ascii_digit())
@@ -290,7 +448,7 @@ mod tests {
                 let name = series.split('{').next().unwrap();
                 assert!(valid_name(name), "{line}");
                 assert!(typed.contains_key(name), "sample before its TYPE: {line}");
-                let value: u64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+                let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
                 assert!(
                     samples.insert(series.to_string(), value).is_none(),
                     "{line}"
@@ -305,16 +463,27 @@ mod tests {
         let text = render(&reply());
         assert!(text.ends_with('\n'));
         let samples = parse(&text);
-        assert_eq!(samples[r#"vzram_orig_data_size_bytes{device="vm1"}"#], 4096);
+        assert_eq!(
+            samples[r#"vzram_orig_data_size_bytes{device="vm1"}"#],
+            4096.0
+        );
         // A name with a quote, a backslash and a newline stays one line and one label.
         assert_eq!(
             samples[r#"vzram_orig_data_size_bytes{device="odd \"name\\\n"}"#],
-            8192
+            8192.0
         );
-        assert_eq!(samples["vzram_store_mem_limit_bytes"], 64 << 20);
-        assert_eq!(samples["vzram_store_pages_compacted_total"], 3);
+        assert_eq!(samples["vzram_store_mem_limit_bytes"], (64 << 20) as f64);
+        assert_eq!(samples["vzram_store_pages_compacted_total"], 3.0);
+        assert_eq!(
+            samples[r#"vzram_policy_cold_age_seconds{device="vm1"}"#],
+            150.0
+        );
+        assert_eq!(samples["vzram_policy_cpu_seconds_total"], 0.25);
+        assert_eq!(samples["vzram_policy_psi_some_avg10"], 1.5);
+        assert_eq!(samples["vzram_policy_idle_age_seconds"], 120.0);
         // Every per-device family has one sample per device.
         for &(name, ..) in DEVICE {
+            assert!(!name.starts_with("vzram_store_"), "{name}");
             let n = samples
                 .keys()
                 .filter(|k| k.starts_with(&format!("{name}{{")))
@@ -327,8 +496,9 @@ mod tests {
     fn no_devices_still_gives_the_store() {
         let mut r = reply();
         r.devices.clear();
+        r.policy.devices.clear();
         let samples = parse(&render(&r));
-        assert_eq!(samples["vzram_store_mem_used_total_bytes"], 12288);
+        assert_eq!(samples["vzram_store_mem_used_total_bytes"], 12288.0);
         assert!(!samples.keys().any(|k| k.contains("device=")));
     }
 }

@@ -330,10 +330,10 @@ pub fn policy(p: &PolicyStats) -> String {
     };
     writeln!(
         out,
-        "policy: {}, every {}; idle age {} (at most {} under back-off); recompress {};\n  \
-         compact above {} freeable; write back above {} of a limit down to {}, or when PSI \
-         some avg10 > {}% (last {psi});\n  promotions target {} of recently used pages per \
-         minute; at most {} pages per action per pass",
+        "policy: {}, every {}; idle age {} (up to {} under back-off); recompress {}\n  \
+         compact above {} freeable; write back above {} of a limit, down to {},\n  \
+         or while PSI some avg10 > {}% (last: {psi})\n  \
+         promotion target {} of recently used pages per minute; {} pages per action and pass",
         if c.enabled { "on" } else { "off" },
         secs(c.interval),
         secs(c.idle_age),
@@ -490,6 +490,7 @@ mod tests {
                 freeable_pages: 3,
                 pool: Default::default(),
             },
+            policy: Default::default(),
         }
     }
 

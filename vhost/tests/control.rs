@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use vzram::BlkDevice;
 use vzram::client::{Call, Client, ClientCommand, ClientError, ControlArgs, StatFormat, run_to};
 use vzram::control::{
-    Compact, ControlError, ControlHandle, Devices, Idle, MemLimit, PageType, Recompress,
-    RecompressDevice, ResetMemUsedMax, Server, ServerConfig, Stat, StatReply, Writeback,
-    WritebackLimit, Policy, PolicyKnobs,
+    Compact, ControlError, ControlHandle, Devices, Idle, MemLimit, PageType, Policy, PolicyKnobs,
+    Recompress, RecompressDevice, ResetMemUsedMax, Server, ServerConfig, Stat, StatReply,
+    Writeback, WritebackLimit,
 };
 use zram::{PAGE_SIZE, Store};
 
@@ -891,7 +891,10 @@ fn the_policy_waits_for_its_fraction_and_can_be_turned_on_and_off() {
             ..Default::default()
         })
         .unwrap();
-    assert!(!off.enabled && off.config.compact_fraction == 0.0, "{off:?}");
+    assert!(
+        !off.enabled && off.config.compact_fraction == 0.0,
+        "{off:?}"
+    );
     std::thread::sleep(Duration::from_millis(100));
     let ticks = c.call(&Stat {}).unwrap().policy.ticks;
     std::thread::sleep(Duration::from_millis(200));

@@ -50,6 +50,7 @@ mod psi;
 pub use cputime::thread_cpu_time;
 pub use psi::{DEFAULT_PSI_PATH, parse_some_avg10, read_psi};
 
+use crate::{Reclaimed, RecompressResult};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -94,12 +95,14 @@ pub struct PolicyConfig {
     /// Off: [`Policy::tick`] does nothing at all. Default on.
     pub enabled: bool,
     /// Time between ticks (for the caller's loop). Default 1 s.
+    #[serde(rename = "interval_secs", with = "secs")]
     pub interval: Duration,
     /// Compact when freeable pages exceed this fraction of the pool's pages (and at least
     /// [`MIN_COMPACT_PAGES`]). Default 0.05.
     pub compact_fraction: f64,
     /// Pages not accessed for this long are cold: recompressed and written back. A device's
     /// cold age starts here and backs off from here. Default 120 s.
+    #[serde(rename = "idle_age_secs", with = "secs")]
     pub idle_age: Duration,
     /// Recompress cold and huge pages with the secondary algorithm (only on devices that have
     /// one). Default on.
@@ -118,6 +121,7 @@ pub struct PolicyConfig {
     /// Most pages each action (recompression, writeback) handles in one tick. Default 4096.
     pub max_pages_per_tick: u64,
     /// Cap on a device's cold age under back-off. Default 960 s (8 x idle_age).
+    #[serde(rename = "max_cold_age_secs", with = "secs")]
     pub max_cold_age: Duration,
 }
 
@@ -136,6 +140,21 @@ impl Default for PolicyConfig {
             max_pages_per_tick: 4096,
             max_cold_age: Duration::from_secs(8 * 120),
         }
+    }
+}
+
+/// Durations on the wire as seconds (a number), under `_secs` names.
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(D::Error::custom)
     }
 }
 
@@ -217,26 +236,6 @@ pub struct DeviceView {
     pub has_secondary: bool,
 }
 
-/// What one writeback call did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Reclaimed {
-    /// Slots looked at.
-    pub scanned: u64,
-    /// Pages moved to the backing file.
-    pub written: u64,
-    /// Compressed bytes freed in the pool.
-    pub freed_bytes: u64,
-}
-
-/// What one recompression call did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Recompressed {
-    /// Cold or huge pages tried with the secondary algorithm.
-    pub tried: u64,
-    /// Pages kept in their new, smaller form.
-    pub recompressed: u64,
-}
-
 /// What the policy needs from a store. Implemented for `zram::Store` over its devices, and
 /// by a simulated store in the tests.
 ///
@@ -278,7 +277,7 @@ pub trait Target {
         min_age: Duration,
         max_pages: u64,
         stop: &AtomicBool,
-    ) -> Result<Recompressed, Self::Error>;
+    ) -> Result<RecompressResult, Self::Error>;
 
     /// Bytes the pool holds (its pages in use, overhead included).
     fn pool_bytes_used(&self) -> u64;

@@ -165,7 +165,7 @@ pub struct Context {
     /// Held by the maintenance passes, which run one at a time.
     pub(super) maintenance: Mutex<()>,
     /// The policy thread.
-    pub(super) policy: super::policy::PolicyControl,
+    pub(super) policy: super::policy::PolicyThread,
 }
 
 /// What a maintenance pass did with one device.
@@ -192,7 +192,7 @@ impl Context {
     pub(super) fn new(
         devices: Vec<Arc<BlkDevice>>,
         store: Arc<Store>,
-        policy: super::policy::PolicyControl,
+        policy: super::policy::PolicyThread,
     ) -> Context {
         Context {
             devices,
@@ -282,7 +282,14 @@ mod tests {
             capacity_pages: 64,
             ..Default::default()
         });
-        let ctx = Context::new(Vec::new(), Arc::new(store.unwrap()));
+        let store = Arc::new(store.unwrap());
+        let policy = super::super::policy::PolicyThread::start(
+            Default::default(),
+            store.clone(),
+            Vec::new(),
+        )
+        .unwrap();
+        let ctx = Context::new(Vec::new(), store, policy);
         let out = ctx.handle_line(line.as_ref());
         assert_eq!(out.last(), Some(&b'\n'));
         serde_json::from_slice(&out).unwrap()
@@ -305,6 +312,7 @@ mod tests {
             r#"{"cmd":"writeback_limit"}"#,
             r#"{"cmd":"mem_limit","bytes":0}"#,
             r#"{"cmd":"reset_mem_used_max"}"#,
+            r#"{"cmd":"policy"}"#,
         ];
         assert_eq!(minimal.len(), COMMANDS.len());
         for line in minimal {
@@ -369,7 +377,7 @@ mod tests {
         assert_eq!(
             error(r#"{"cmd":"frob"}"#),
             "unknown command \"frob\" (commands: stat, compact, idle, recompress, writeback, \
-             writeback_limit, mem_limit, reset_mem_used_max)"
+             writeback_limit, mem_limit, reset_mem_used_max, policy)"
         );
         assert_eq!(
             error(r#"{"cmd":"stat","x":1}"#),

@@ -28,7 +28,7 @@ pub mod proto;
 
 pub use conn::MAX_LINE;
 pub use dispatch::CommandError;
-pub use policy::PolicySetup;
+pub use policy::{PolicySetup, PolicyThread};
 pub use proto::*;
 
 use dispatch::Context;
@@ -376,7 +376,7 @@ impl Server {
             None
         };
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("eventfd"))?;
-        let policy = policy::PolicyControl::start(config.policy, store.clone(), devices.clone())
+        let policy = policy::PolicyThread::start(config.policy, store.clone(), devices.clone())
             .map_err(ControlError::Policy)?;
         let shared = Arc::new(Shared {
             ctx: Context::new(devices, store, policy),

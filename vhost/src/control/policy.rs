@@ -38,9 +38,10 @@ impl Default for PolicySetup {
     }
 }
 
-/// The control plane's side of the policy thread.
+/// The policy thread, as the control plane (and `vzram-bench`, which runs devices of its own)
+/// drives it. Dropping it stops the thread.
 #[derive(Debug)]
-pub(super) struct PolicyControl {
+pub struct PolicyThread {
     /// The configuration in force (what the thread was last given).
     config: Mutex<PolicyConfig>,
     /// Published by the thread after every tick.
@@ -51,12 +52,13 @@ pub(super) struct PolicyControl {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl PolicyControl {
-    pub(super) fn start(
+impl PolicyThread {
+    /// Starts the thread over `store` and its devices.
+    pub fn start(
         setup: PolicySetup,
         store: Arc<zram::Store>,
         devices: Vec<Arc<BlkDevice>>,
-    ) -> Result<PolicyControl, String> {
+    ) -> Result<PolicyThread, String> {
         let mut policy = Policy::new(setup.config.clone()).map_err(|e| e.to_string())?;
         store.set_reclaim_age(setup.config.idle_age);
         let stats = Arc::new(Mutex::new(policy.stats()));
@@ -94,7 +96,7 @@ impl PolicyControl {
                 }
             })
             .map_err(|e| format!("spawning the policy thread: {e}"))?;
-        Ok(PolicyControl {
+        Ok(PolicyThread {
             config: Mutex::new(setup.config),
             stats,
             stop,
@@ -103,17 +105,19 @@ impl PolicyControl {
         })
     }
 
-    pub(super) fn config(&self) -> PolicyConfig {
+    /// The configuration in force.
+    pub fn config(&self) -> PolicyConfig {
         self.config.lock().clone()
     }
 
-    pub(super) fn stats(&self) -> PolicyStats {
+    /// What the policy has done, as of its last pass.
+    pub fn stats(&self) -> PolicyStats {
         self.stats.lock().clone()
     }
 
     /// Checks `cfg` and hands it to the thread, cutting a running tick short. The thread
     /// publishes its statistics with the new configuration right after.
-    pub(super) fn set(&self, cfg: PolicyConfig) -> Result<(), policy::Error> {
+    pub fn set(&self, cfg: PolicyConfig) -> Result<(), policy::Error> {
         cfg.validate()?;
         let mut current = self.config.lock();
         self.stop.store(true, Relaxed);
@@ -126,7 +130,7 @@ impl PolicyControl {
     }
 
     /// Stops the thread (within a page of the running tick) and waits for it.
-    pub(super) fn shutdown(&self) {
+    pub fn shutdown(&self) {
         self.stop.store(true, Relaxed);
         self.tx.lock().take();
         if let Some(t) = self.thread.lock().take()
@@ -134,6 +138,12 @@ impl PolicyControl {
         {
             log::warn!("the policy thread panicked");
         }
+    }
+}
+
+impl Drop for PolicyThread {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -199,7 +209,7 @@ impl Target for DaemonTarget {
         min_age: Duration,
         max_pages: u64,
         stop: &AtomicBool,
-    ) -> Result<policy::Reclaimed, zram::Error> {
+    ) -> Result<zram::Reclaimed, zram::Error> {
         d.zram.reclaim(min_age, max_pages, stop)
     }
 
@@ -209,7 +219,7 @@ impl Target for DaemonTarget {
         min_age: Duration,
         max_pages: u64,
         stop: &AtomicBool,
-    ) -> Result<policy::Recompressed, zram::Error> {
+    ) -> Result<zram::RecompressResult, zram::Error> {
         let Some(prio) = secondary(d) else {
             return Ok(Default::default());
         };

@@ -774,6 +774,7 @@ mod tests {
                 freeable_pages: 0,
                 pool: Default::default(),
             },
+            policy: Default::default(),
         };
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(
@@ -788,6 +789,9 @@ mod tests {
                 r#""huge_pages":0,"huge_pages_since":0},"#,
                 r#""io_stat":{"failed_reads":0,"failed_writes":0,"invalid_io":0,"notify_free":0},"#,
                 r#""bd_stat":{"bd_count":0,"bd_reads":0,"bd_writes":0},"#,
+                r#""memory":{"used":0,"limit":0,"share":0},"#,
+                r#""tiering":{"recompressed":0,"written_back":0,"direct_reclaimed":0,"#,
+                r#""direct_reclaim_failed":0,"promoted":0},"#,
                 r#""reads":0,"writes":0,"read_bytes":0,"write_bytes":0,"#,
                 r#""queues":[{"requests":0,"reads":0,"writes":0,"flushes":0,"discards":0,"#,
                 r#""write_zeroes":0,"get_ids":0,"read_bytes":0,"write_bytes":0,"io_errors":0,"#,
@@ -795,7 +799,14 @@ mod tests {
                 r#""store":{"mem_limit":0,"mem_used_total":0,"mem_used_max":0,"#,
                 r#""pages_compacted":0,"freeable_pages":0,"#,
                 r#""pool":{"pages_used":0,"pages_compacted":0,"page_limit":0,"capacity_pages":0,"#,
-                r#""objects":0,"metadata_bytes":0}}}"#
+                r#""objects":0,"metadata_bytes":0}},"#,
+                r#""policy":{"enabled":false,"ticks":0,"cpu_secs":0.0,"wall_secs":0.0,"#,
+                r#""last_psi":null,"compacted_pages":0,"reclaiming":false,"errors":0,"#,
+                r#""last_error":null,"devices":[],"config":{"enabled":true,"interval_secs":1.0,"#,
+                r#""compact_fraction":0.05,"idle_age_secs":120.0,"recompress":true,"#,
+                r#""high_watermark":0.9,"low_watermark":0.8,"psi_threshold":10.0,"#,
+                r#""promotion_target":0.002,"max_pages_per_tick":4096,"#,
+                r#""max_cold_age_secs":960.0}}}"#
             )
         );
         let back: StatReply = serde_json::from_str(&json).unwrap();

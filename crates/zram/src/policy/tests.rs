@@ -272,7 +272,7 @@ impl Target for Fake {
         min_age: Duration,
         max: u64,
         stop: &AtomicBool,
-    ) -> Result<Recompressed, String> {
+    ) -> Result<RecompressResult, String> {
         self.log(Call::Recompress {
             dev: i,
             min_age,
@@ -281,7 +281,7 @@ impl Target for Fake {
         if self.dev(i, |d| d.fail) {
             return Err("codec on fire".into());
         }
-        let mut r = Recompressed::default();
+        let mut r = RecompressResult::default();
         let (n, now) = (self.dev(i, |d| d.pages.len()), self.now());
         let mut scanned = 0;
         while scanned < n && r.tried < max && !stop.load(Relaxed) {
