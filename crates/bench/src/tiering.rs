@@ -16,7 +16,8 @@
 //!
 //! Every page holds a versioned content (real pages from `--pages` or pagemix pages,
 //! regenerated from seed, device, page and version), every read is verified against the last
-//! write that succeeded: a failed write must leave the old content.
+//! write that succeeded: a failed write must leave the old content (a page whose write failed
+//! is read back at once to check it; that read is not in the latency figures).
 //!
 //! One invocation runs the schedule several times on fresh devices: first with no memory
 //! limit and lz4 alone (the reference: its peak is the "lz4 footprint", its hot-read latency
@@ -238,6 +239,8 @@ pub struct RunReport {
     pub read_errors: u64,
     pub verify_failures: u64,
     pub verified_pages: u64,
+    /// Of those: pages read right after a write of theirs failed, holding their old content.
+    pub kept_after_failed_write: u64,
     pub pool: PoolMemory,
     pub hot_reads: u64,
     pub hot_read_us: Latency,
@@ -613,6 +616,7 @@ struct DriverResult {
     read_errors: u64,
     verify_failures: u64,
     verified: u64,
+    kept_after_failed_write: u64,
     hot: Histogram,
     cold: Histogram,
     cpu_seconds: f64,
@@ -719,11 +723,15 @@ impl Driver<'_> {
             REQUEST_TIMEOUT,
         )?;
         self.written(p, v, &c);
+        if !c.ok() {
+            // The page must still hold what the last successful write put there.
+            self.read(p, Read::AfterFailedWrite)?;
+        }
         Ok(c.ok())
     }
 
     /// Reads `p` and checks it against its last successful write.
-    fn read(&mut self, p: u64, hot: bool) -> vufront::Result<()> {
+    fn read(&mut self, p: u64, kind: Read) -> vufront::Result<()> {
         let c = self.q.execute(
             &Request::read(p * SECTORS_PER_PAGE, PAGE as u32),
             REQUEST_TIMEOUT,
@@ -732,10 +740,10 @@ impl Driver<'_> {
             self.res.read_errors += 1;
             return Ok(());
         }
-        if hot {
-            self.res.hot.record(c.latency);
-        } else {
-            self.res.cold.record(c.latency);
+        match kind {
+            Read::Hot => self.res.hot.record(c.latency),
+            Read::Cold => self.res.cold.record(c.latency),
+            Read::AfterFailedWrite => {}
         }
         self.access.touch(p, self.start);
         self.plan.source.fill(
@@ -746,11 +754,12 @@ impl Driver<'_> {
         );
         if c.data[..] == self.page[..] {
             self.res.verified += 1;
+            self.res.kept_after_failed_write += u64::from(kind == Read::AfterFailedWrite);
         } else {
             self.res.verify_failures += 1;
             if self.res.verify_failures <= 3 {
                 log::warn!(
-                    "vz{}: page {p} does not hold version {} of its content",
+                    "vz{}: page {p} does not hold version {} of its content ({kind:?} read)",
                     self.dev,
                     self.version[p as usize]
                 );
@@ -783,7 +792,7 @@ impl Driver<'_> {
             let uniform = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
             if !self.plan.cold.is_empty() && uniform < cold_chance {
                 let p = self.plan.cold[self.rng.below(self.plan.cold.len() as u64) as usize];
-                self.read(p, false)?;
+                self.read(p, Read::Cold)?;
                 continue;
             }
             let i = self.rng.below(self.plan.hot.len() as u64) as usize;
@@ -792,11 +801,22 @@ impl Driver<'_> {
                 // Swapped out again; a failed write leaves it in the guest.
                 self.in_guest[i] = !self.write(p)?;
             } else {
-                self.read(p, true)?;
+                self.read(p, Read::Hot)?;
                 self.in_guest[i] = true;
             }
         }
     }
+}
+
+/// Why a page is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// A hot page swapped in (latency recorded).
+    Hot,
+    /// A rare cold page swapped in (latency recorded apart).
+    Cold,
+    /// Right after a write of the page failed: it must hold its old content.
+    AfterFailedWrite,
 }
 
 fn sleep_until(t: Instant) {
@@ -998,6 +1018,7 @@ fn run_once(
         read_errors: sum(|r| r.read_errors),
         verify_failures: sum(|r| r.verify_failures),
         verified_pages: sum(|r| r.verified),
+        kept_after_failed_write: sum(|r| r.kept_after_failed_write),
         pool,
         hot_reads: hot.count(),
         hot_read_us,
@@ -1027,7 +1048,7 @@ impl fmt::Display for TieringReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "tiering: {} devices x {} ({} hot + {} cold pages), {}; {} phases of {:.1} s, {} busy \
+            "tiering: {} devices x {} ({} hot + {} cold pages), {}; {} phases of {:.2} s, {} busy \
              at {:.0} req/s, {} cold reads/min; idle age {:.1} s",
             self.devices,
             mib(self.device_bytes),
