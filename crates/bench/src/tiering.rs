@@ -1165,17 +1165,32 @@ impl fmt::Display for TieringReport {
                 )?;
             }
         }
-        let verify: u64 = self.runs.iter().map(|r| r.verify_failures).sum();
-        let read_errors: u64 = self.runs.iter().map(|r| r.read_errors).sum();
-        let verified: u64 = self.runs.iter().map(|r| r.verified_pages).sum();
+        let total = |f: fn(&RunReport) -> u64| self.runs.iter().map(f).sum::<u64>();
         writeln!(
             f,
-            "reads verified {verified}, verify failures {verify}, read errors {read_errors}; \
-             PEAK/MEAN: pool memory sampled; PK/L: peak over limit; xREF: hot p99 over the \
-             no-limit run's; PROMO/MIN: promotions (backing-file reads) per minute / target; \
-             DISK: in the backing files at the end; SAVED: pool memory saved over the no-limit \
-             lz4 run (peak, mean; failed writes save nothing real); CPU-s: the process \
-             (load generator {}), POL-s: the policy thread",
+            "reads verified {} ({} right after a failed write), verify failures {}, read \
+             errors {}",
+            total(|r| r.verified_pages),
+            total(|r| r.kept_after_failed_write),
+            total(|r| r.verify_failures),
+            total(|r| r.read_errors),
+        )?;
+        writeln!(
+            f,
+            "PEAK/MEAN: pool memory, sampled; PK/L: peak over the limit; HOTp50/p99: hot-page \
+             reads (us); xREF: p99 over the no-limit run's"
+        )?;
+        writeln!(
+            f,
+            "PROMO/MIN: promotions (reads from the backing files) per minute / the target ({}% \
+             of the pages used within the idle age); DISK: in the backing files at the end",
+            100.0 * self.promotion_target
+        )?;
+        writeln!(
+            f,
+            "SAVEDp/m: pool memory saved over the no-limit lz4 run, peak / mean (a failed \
+             write saves nothing real); CPU-s: the process (of which the load generator {}); \
+             POL-s: the policy thread",
             self.runs
                 .iter()
                 .map(|r| format!("{:.1}", r.load_cpu_seconds))
