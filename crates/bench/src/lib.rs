@@ -5,6 +5,11 @@
 //! It is a program of its own so that the daemon carries no frontend, load generator or test
 //! backend. Every mode runs the jobs through the same loop ([`vufront::load::run_on`]); the
 //! store-only mode plugs the store in as a [`vufront::load::Target`] ([`StoreTarget`]).
+//!
+//! Scenarios that the job language does not express have a subcommand and a module of their
+//! own: [`tiering`] (many devices on one store, a memory limit, busy and idle phases).
+
+pub mod tiering;
 
 use clap::Args;
 use pagemix::Mix;

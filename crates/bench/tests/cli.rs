@@ -14,6 +14,9 @@ fn bad_arguments_are_one_line_and_status_2() {
         ("--socket /tmp/x.sock --store-only", "--store-only"),
         ("--size lots", "lots"),
         ("bench", "bench"),
+        ("tiering --mem-limit 2.0", "(0, 1]"),
+        ("tiering --policy maybe", "maybe"),
+        ("tiering --job rw=write", "--job"),
     ] {
         let args: Vec<&str> = args.split_whitespace().collect();
         let out = Command::new(BIN).args(&args).output().unwrap();
@@ -29,7 +32,17 @@ fn bad_arguments_are_one_line_and_status_2() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0));
     assert!(
-        help.contains("--store-only") && help.contains("--socket"),
+        help.contains("--store-only") && help.contains("--socket") && help.contains("tiering"),
+        "{help}"
+    );
+    let out = Command::new(BIN)
+        .args(["tiering", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        help.contains("--mem-limit") && help.contains("--policy") && help.contains("--pages"),
         "{help}"
     );
 }
