@@ -560,11 +560,61 @@ fn no_eligible_device_is_an_error() {
     assert!(e.to_string().contains("recompression algorithm"), "{e}");
 }
 
+/// A device's own limit, set at run time over the control socket: that device's writes stop
+/// at it (no backing file: nothing to move out), the other device's go on.
+#[test]
+fn a_device_limit_is_set_at_run_time_and_holds_only_that_device() {
+    let f = Fixture::new(&[dev("vz0"), dev("vz1")]);
+    let mut c = f.client();
+    let r = c
+        .call(&MemLimit {
+            device: Some("vz1".into()),
+            bytes: 1 << 20,
+        })
+        .unwrap();
+    assert_eq!((r.device.as_deref(), r.mem_limit), (Some("vz1"), 1 << 20));
+    assert_eq!(f.store.mem_limit(), 0, "the store's limit is untouched");
+    let write = |d: &zram::Device, n: u64| {
+        let mut stream = d.new_stream();
+        let mut page = [0u8; PAGE_SIZE];
+        (0..n)
+            .filter(|&i| {
+                pagemix::fill_kind(PageKind::Random, 1, i, &mut page);
+                d.write_page(i, &page, &mut stream).is_err()
+            })
+            .count()
+    };
+    assert!(write(f.device(1), 1000) > 0, "vz1 stops at its limit");
+    assert_eq!(write(f.device(0), 1000), 0, "vz0 is not limited");
+    let st = c.call(&Stat {}).unwrap();
+    let m = &st.devices[1].memory;
+    assert_eq!(m.limit, 1 << 20);
+    assert!(m.used <= (1 << 20) + (1 << 16), "{m:?}");
+    assert!(
+        st.devices[0].memory.used > 3 << 20,
+        "{:?}",
+        st.devices[0].memory
+    );
+    assert!(st.devices[1].io_stat.failed_writes > 0);
+    let e = c
+        .call(&MemLimit {
+            device: Some("vz9".into()),
+            bytes: 1,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown device \"vz9\""), "{e}");
+}
+
 #[test]
 fn mem_limit_and_mem_used_max() {
     let f = Fixture::new(&[dev("vz0")]);
     let mut c = f.client();
-    let r = c.call(&MemLimit { bytes: 1 << 20 }).unwrap();
+    let r = c
+        .call(&MemLimit {
+            device: None,
+            bytes: 1 << 20,
+        })
+        .unwrap();
     assert_eq!(r.mem_limit, 1 << 20);
     assert_eq!(f.store.mem_limit(), 1 << 20);
     assert_eq!(c.call(&Stat {}).unwrap().store.mem_limit, 1 << 20);
@@ -582,10 +632,13 @@ fn mem_limit_and_mem_used_max() {
     assert!(f.store.mem_used_total() <= 1 << 20);
 
     let text = printed(ClientCommand::MemLimit(Call {
-        args: MemLimit { bytes: 0 },
+        args: MemLimit {
+            device: None,
+            bytes: 0,
+        },
         conn: f.conn(),
     }));
-    assert_eq!(text, "mem_limit: none\n");
+    assert!(text.starts_with("mem_limit: none, in use "), "{text}");
     assert_eq!(f.store.mem_limit(), 0);
 
     // mem_used_max stays at the high-water mark until reset.
@@ -1103,7 +1156,7 @@ fn long_recompression(on_shutdown: impl FnMut() + Send + 'static) -> Fixture {
     }]);
     fill(f.device(0), 0..32768, PageKind::Text);
     f.device(0).mark_idle(None);
-    f.start(|c| c.compact_interval = None, on_shutdown);
+    f.start(|c| c.policy.config.enabled = false, on_shutdown);
     f
 }
 

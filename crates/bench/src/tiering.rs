@@ -24,14 +24,8 @@
 //! the yardstick), then with the limit, once per `--policy` mode. A run samples the pool's
 //! memory every `sample` and counts promotions (pages read from the backing file, zram's
 //! `bd_reads`) against the target of `promotion_target` of the recently used pages a minute
-//! (pages accessed within `idle_age`, sampled).
-//!
-//! The policy and the per-device accounting of issue #14 are plugged in at one place each:
-//! see [`hooks`].
-
-mod hooks;
-
-pub use hooks::{PolicyOutcome, Tiering};
+//! (pages accessed within `idle_age`, sampled). With `--policy on` the daemon's policy thread
+//! (`vzram::control::PolicyThread`) runs over the devices, as `vzram serve` runs it.
 
 use crate::{BenchError, load_pages};
 use clap::{Args, ValueEnum};
@@ -47,7 +41,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use vufront::load::{self, Histogram, Latency, RealPages};
 use vufront::{Completion, Frontend, Options, Queue, Request};
+use vzram::control::{PolicySetup, PolicyThread};
 use vzram::{BlkDevice, ConfigSpace, DeviceServer};
+use zram::policy::{PolicyConfig, PolicyStats};
 
 const PAGE: usize = zram::PAGE_SIZE;
 const SECTORS_PER_PAGE: u64 = (PAGE as u64) / zram::SECTOR_SIZE;
@@ -224,9 +220,7 @@ pub struct TieringReport {
 #[derive(Debug, Serialize)]
 pub struct RunReport {
     pub name: String,
-    /// The mode asked for; `policy_active` says whether a policy really ran.
     pub policy: PolicyMode,
-    pub policy_active: bool,
     /// 0: none.
     pub mem_limit: u64,
     pub comp: String,
@@ -261,7 +255,8 @@ pub struct RunReport {
     pub cpu_seconds: f64,
     /// The load generator's own threads (drivers and sampler) within `cpu_seconds`.
     pub load_cpu_seconds: f64,
-    pub policy_outcome: Option<PolicyOutcome>,
+    /// What the policy did (`--policy on`): its statistics, CPU time included.
+    pub policy_stats: Option<PolicyStats>,
     pub per_device: Vec<DeviceReport>,
 }
 
@@ -293,10 +288,10 @@ pub struct DeviceReport {
     pub promotion_target_per_min: f64,
     pub backing_pages: u64,
     pub mm_stat: zram::MmStat,
-    /// Peak of the device's own memory (per-device accounting, when the store has it).
-    pub mem_peak: Option<u64>,
-    /// zram's tiering counters (when the store has them).
-    pub tiering: Option<Tiering>,
+    /// Peak of the device's own memory (its compressed bytes and part of the overhead).
+    pub mem_peak: u64,
+    /// zram's tiering counters.
+    pub tiering: zram::TieringStats,
 }
 
 impl TieringReport {
@@ -488,6 +483,7 @@ struct Rig {
     dir: PathBuf,
     store: Arc<zram::Store>,
     devices: Vec<Arc<zram::Device>>,
+    served: Vec<Arc<BlkDevice>>,
     servers: Vec<DeviceServer>,
 }
 
@@ -510,6 +506,7 @@ impl Rig {
                 .map_err(|e| setup(&e))?,
             ),
             devices: Vec::new(),
+            served: Vec::new(),
             servers: Vec::new(),
         };
         let secondary: Vec<&str> = spec.secondary.as_deref().into_iter().collect();
@@ -522,7 +519,7 @@ impl Rig {
                 backing_file: Some(rig.dir.join(format!("{name}.backing"))),
             };
             let device =
-                hooks::new_device(rig.store.clone(), comp.clone(), cfg).map_err(|e| setup(&e))?;
+                zram::Device::new(rig.store.clone(), comp.clone(), cfg).map_err(|e| setup(&e))?;
             let socket = rig.dir.join(format!("{name}.sock"));
             let served = BlkDevice::new(
                 name.clone(),
@@ -532,6 +529,7 @@ impl Rig {
                 false,
                 format!("bench-{name}"),
             );
+            rig.served.push(served.clone());
             let blk = ConfigSpace {
                 size: plan.args.size,
                 blk_size: PAGE as u32,
@@ -832,7 +830,7 @@ struct Sampler {
     samples: u64,
     peak: u64,
     sum: u128,
-    device_peaks: Vec<Option<u64>>,
+    device_peaks: Vec<u64>,
     recent_sum: Vec<u64>,
     recent_samples: u64,
 }
@@ -844,9 +842,7 @@ impl Sampler {
         self.peak = self.peak.max(used);
         self.sum += u128::from(used);
         for (peak, d) in self.device_peaks.iter_mut().zip(&rig.devices) {
-            if let Some(m) = hooks::device_mem_used(d) {
-                *peak = Some(peak.unwrap_or(0).max(m));
-            }
+            *peak = (*peak).max(d.mem_used());
         }
     }
 
@@ -867,24 +863,26 @@ fn run_once(
     let args = plan.args;
     let n = args.devices;
     let rig = Rig::new(plan, spec)?;
-    let knobs = hooks::PolicyKnobs {
-        idle_age: args.idle_age,
-        promotion_target: args.promotion_target,
-    };
     let policy = match spec.policy {
         PolicyMode::On => {
-            let p = hooks::start_policy(&rig.store, &rig.devices, &knobs);
-            if p.is_none() {
-                log::warn!(
-                    "this build has no tiering policy: `{}` runs without one",
-                    spec.name
-                );
-            }
-            p
+            let defaults = PolicyConfig::default();
+            let config = PolicyConfig {
+                idle_age: args.idle_age,
+                max_cold_age: defaults.max_cold_age.max(args.idle_age * 8),
+                promotion_target: args.promotion_target,
+                ..defaults
+            };
+            let setup = PolicySetup {
+                config,
+                ..PolicySetup::default()
+            };
+            Some(
+                PolicyThread::start(setup, rig.store.clone(), rig.served.clone())
+                    .map_err(BenchError::Setup)?,
+            )
         }
         PolicyMode::Off => None,
     };
-    let policy_active = policy.is_some();
     let mut fronts = Vec::new();
     let mut queues = Vec::new();
     for d in 0..n {
@@ -900,7 +898,7 @@ fn run_once(
     }
     let access: Vec<Access> = (0..n).map(|_| Access::new(plan.pages)).collect();
     let mut sampler = Sampler {
-        device_peaks: vec![None; n],
+        device_peaks: vec![0; n],
         recent_sum: vec![0; n],
         ..Sampler::default()
     };
@@ -949,7 +947,10 @@ fn run_once(
     });
     let seconds = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu_before;
-    let policy_outcome = policy.map(hooks::Policy::stop);
+    let policy_stats = policy.map(|p| {
+        p.shutdown();
+        p.stats()
+    });
     drop(fronts);
     let results = results.into_iter().collect::<vufront::Result<Vec<_>>>()?;
 
@@ -976,7 +977,7 @@ fn run_once(
             promotion_target_per_min: args.promotion_target * recent,
             backing_pages: stats.bd_stat.bd_count,
             mem_peak: sampler.device_peaks[d],
-            tiering: hooks::tiering(&stats),
+            tiering: stats.tiering.clone(),
             mm_stat: stats.mm_stat.clone(),
         });
     }
@@ -1005,7 +1006,6 @@ fn run_once(
     let report = RunReport {
         name: spec.name.clone(),
         policy: spec.policy,
-        policy_active,
         mem_limit: spec.mem_limit,
         comp: match &spec.secondary {
             Some(s) => format!("{} (+{s})", args.comp),
@@ -1033,7 +1033,7 @@ fn run_once(
         saved_mean: reference.map_or(0.0, |r| saved(pool.mean, r.pool.mean)),
         cpu_seconds: cpu,
         load_cpu_seconds: results.iter().map(|r| r.cpu_seconds).sum::<f64>() + sampler_cpu,
-        policy_outcome,
+        policy_stats,
         per_device,
     };
     drop(rig);
@@ -1091,16 +1091,11 @@ impl fmt::Display for TieringReport {
             "POL-s"
         )?;
         for r in &self.runs {
-            let name = if r.policy == PolicyMode::On && !r.policy_active {
-                format!("{} (n/a)", r.name)
-            } else {
-                r.name.clone()
-            };
+            let name = r.name.clone();
             let policy_cpu = r
-                .policy_outcome
+                .policy_stats
                 .as_ref()
-                .and_then(|p| p.cpu_seconds)
-                .map_or("-".into(), |s| format!("{s:.2}"));
+                .map_or("-".into(), |p| format!("{:.2}", p.cpu_secs));
             writeln!(
                 f,
                 "{:<22} {:>6} {:>7} {:>6} {:>7} {:>7} {:>5} {:>7.1} {:>7.1} {:>5.2} {:>5.1}/{:<5.1} \
@@ -1161,7 +1156,7 @@ impl fmt::Display for TieringReport {
                     d.promotions_per_min,
                     d.promotion_target_per_min,
                     mib(d.backing_pages * PAGE as u64),
-                    d.mem_peak.map_or("-".into(), mib),
+                    mib(d.mem_peak),
                 )?;
             }
         }
@@ -1197,16 +1192,6 @@ impl fmt::Display for TieringReport {
                 .collect::<Vec<_>>()
                 .join("/"),
         )?;
-        if self
-            .runs
-            .iter()
-            .any(|r| r.policy == PolicyMode::On && !r.policy_active)
-        {
-            writeln!(
-                f,
-                "(n/a): this build has no tiering policy; that run went without one"
-            )?;
-        }
         Ok(())
     }
 }
