@@ -30,8 +30,8 @@ fn one_device(tag: &str, pre_exec: Option<child::PreExec>) -> (TempDir, PathBuf,
         dir.0.join("vzram.ctl").display().to_string(),
         "--num-queues".to_string(),
         "4".to_string(),
-        "--compact-threshold".to_string(),
-        "0".to_string(),
+        "--policy".to_string(),
+        "off".to_string(),
     ];
     let d = Daemon::start_with(
         &args,
