@@ -171,7 +171,7 @@ pub enum ClientCommand {
     /// arguments this shows its settings and what it has done; `vzram policy off` stops it,
     /// `vzram policy on --idle-age 5m` starts it with another idle age. Changes last until the
     /// daemon stops (`vzram serve` takes the same settings).
-    Policy(Call<Policy>),
+    Policy(Box<Call<Policy>>),
 }
 
 /// A command's arguments and where to send it.

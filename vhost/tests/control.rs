@@ -983,10 +983,10 @@ fn policy_settings_are_checked_and_named() {
     assert_eq!(st.policy.config.idle_age, Duration::from_secs(30));
     assert_eq!(st.policy.config.high_watermark, 0.95);
     // The client renders what is in force.
-    let text = printed(ClientCommand::Policy(Call {
+    let text = printed(ClientCommand::Policy(Box::new(Call {
         args: Policy::default(),
         conn: f.conn(),
-    }));
+    })));
     assert!(text.starts_with("policy: off"), "{text}");
     assert!(text.contains("idle age 30s"), "{text}");
 }
