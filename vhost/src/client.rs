@@ -475,6 +475,22 @@ mod tests {
         for (args, want) in [
             (&["stat", "--json"][..], r#"{"cmd":"stat"}"#),
             (&["compact"], r#"{"cmd":"compact"}"#),
+            (&["policy"], r#"{"cmd":"policy"}"#),
+            (
+                &[
+                    "policy",
+                    "off",
+                    "--idle-age",
+                    "5m",
+                    "--high-watermark",
+                    "0.85",
+                ],
+                r#"{"cmd":"policy","enabled":false,"idle_age_secs":300,"high_watermark":0.85}"#,
+            ),
+            (
+                &["mem-limit", "--device", "vm1", "1G"],
+                r#"{"cmd":"mem_limit","device":"vm1","bytes":1073741824}"#,
+            ),
             (
                 &["idle", "1h", "--device", "vz1"],
                 r#"{"cmd":"idle","device":"vz1","age_secs":3600}"#,

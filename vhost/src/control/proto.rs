@@ -686,10 +686,9 @@ impl PolicyKnobs {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct Policy {
     /// Turn the policy on or off
-    // The full path keeps clap from reading the Option as "the argument is optional" twice.
     #[arg(value_name = "on|off", value_parser = parse_on_off)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enabled: ::std::option::Option<bool>,
+    pub enabled: Option<bool>,
     #[command(flatten)]
     #[serde(flatten)]
     pub knobs: PolicyKnobs,
