@@ -151,6 +151,35 @@ impl Stat {
         self.u64(&format!("/devices/0{pointer}"))
     }
 
+    /// The index in `devices` of the device named `name` (`name=` of `--device`; `vz0` for
+    /// the one-device form).
+    pub fn device_index(&self, name: &str) -> Option<usize> {
+        self.0
+            .pointer("/devices")
+            .and_then(Value::as_array)?
+            .iter()
+            .position(|d| d.get("name").and_then(Value::as_str) == Some(name))
+    }
+
+    /// A number of the device named `name` by JSON pointer (`/bd_stat/bd_count`); panics,
+    /// with the whole answer, when the device or the field is missing.
+    #[track_caller]
+    pub fn dev_of(&self, name: &str, pointer: &str) -> u64 {
+        match self.device_index(name) {
+            Some(i) => self.u64(&format!("/devices/{i}{pointer}")),
+            None => panic!("vzram stat has no device {name:?}:\n{:#}", self.0),
+        }
+    }
+
+    /// A number of the device named `name`, or None when the device or the field is absent:
+    /// for statistics that only some versions of the daemon report (`/tiering/recompressed`).
+    pub fn dev_opt(&self, name: &str, pointer: &str) -> Option<u64> {
+        let i = self.device_index(name)?;
+        self.0
+            .pointer(&format!("/devices/{i}{pointer}"))
+            .and_then(Value::as_u64)
+    }
+
     /// A boolean of the first device (`/connected`).
     #[track_caller]
     pub fn dev_bool(&self, pointer: &str) -> bool {
