@@ -457,3 +457,74 @@ impl Drop for Backend {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Stands in for `vzram serve --device ...`: records its arguments, creates every
+    /// `socket=` as a plain file (all the runner waits for) and sleeps until stopped.
+    const STAND_IN: &str = r#"#!/bin/sh
+echo "$*" >"$(dirname "$0")/args"
+for a in "$@"; do
+    case $a in socket=*) s=${a#socket=}; : >"${s%%,*}" ;; esac
+done
+exec sleep 60
+"#;
+
+    #[test]
+    fn one_vzram_serves_several_devices_each_on_its_socket() {
+        let dir = RunDir::new("vzram-devices").unwrap();
+        let script = dir.join("vzram");
+        fs::write(&script, STAND_IN).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let devices = [
+            VzramDevice::new("active", 512 << 20).with_backing_file(),
+            VzramDevice::new("idle", 256 << 20),
+        ];
+        let spec = BackendSpec::vzram_devices(&devices, &["--comp", "lz4"]).with_bin(&script);
+        let mut b = Backend::start(&dir, spec).unwrap();
+        let p = |name: &str| dir.join(name).display().to_string();
+        assert_eq!(
+            fs::read_to_string(dir.join("args")).unwrap().trim(),
+            format!(
+                "serve --device socket={},size=512M,name=active,backing-file={} \
+                 --device socket={},size=256M,name=idle --num-queues 2 --comp lz4",
+                p("active.sock"),
+                p("active.backing"),
+                p("idle.sock")
+            )
+        );
+        assert_eq!(b.device_names(), ["active", "idle"]);
+        assert_eq!(b.socket(), Some(dir.join("active.sock").as_path()));
+        assert_eq!(b.socket_of("idle"), Some(dir.join("idle.sock").as_path()));
+        assert_eq!(b.socket_of("vz0"), None);
+        assert_eq!(b.control(), Some(dir.join("vzram.ctl")));
+        assert_eq!(b.spec().size, 512 << 20);
+        // No file yet: the stand-in writes no data.
+        assert_eq!(b.backing_file_allocated("active"), None);
+        assert_eq!(b.backing_file_allocated("idle"), None);
+        b.stop();
+        assert!(!dir.join("active.sock").exists() && !dir.join("idle.sock").exists());
+    }
+
+    #[test]
+    fn device_names_must_be_plain_and_distinct() {
+        let dir = RunDir::new("vzram-bad-devices").unwrap();
+        for names in [["a", "a"], ["a", "b,c"], ["", "b"]] {
+            let devices = names.map(|n| VzramDevice::new(n, 1 << 20));
+            let spec = BackendSpec::vzram_devices(&devices, &[]).with_bin("/bin/true");
+            let e = Backend::start(&dir, spec).unwrap_err();
+            assert!(e.message.contains("device name"), "{names:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_backend_without_a_disk_has_no_devices() {
+        let dir = RunDir::new("qsd-name").unwrap();
+        let b = Backend::start(&dir, BackendSpec::none()).unwrap();
+        assert!(b.device_names().is_empty());
+        assert_eq!(b.socket(), None);
+    }
+}

@@ -465,8 +465,6 @@ impl Guest {
         device: Option<&str>,
         slot: Arc<Slot>,
     ) -> Result<Guest, RunError> {
-        let image = Image::get().map_err(RunError::setup)?;
-        let cmdline = spec.cmdline().map_err(RunError::setup)?;
         let socket = match device {
             None => backend.socket(),
             Some(d) => Some(backend.socket_of(d).ok_or_else(|| {
@@ -476,6 +474,8 @@ impl Guest {
                 ))
             })?),
         };
+        let cmdline = spec.cmdline().map_err(RunError::setup)?;
+        let image = Image::get().map_err(RunError::setup)?;
         let accel = Accel::detect();
         let mem = format!("{}M", spec.mem_mib);
 
@@ -825,6 +825,31 @@ mod tests {
         assert_eq!(parse_result("VZRAM-RESULT: MAYBE x"), None);
         assert_eq!(parse_result("VZRAM-RESULT: PASS"), None);
         assert_eq!(parse_result("PASS swap"), None);
+    }
+
+    #[test]
+    fn together_holds_the_guest_slot_until_it_and_its_guests_are_gone() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let group = Together::new();
+        let shared = group.slot.clone(); // what a guest of the group keeps
+        let taken = Arc::new(AtomicBool::new(false));
+        let t = {
+            let taken = taken.clone();
+            std::thread::spawn(move || {
+                let _slot = Slot::take();
+                taken.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        drop(group);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !taken.load(Ordering::SeqCst),
+            "a guest of the group still runs"
+        );
+        drop(shared);
+        t.join().unwrap();
+        assert!(taken.load(Ordering::SeqCst));
     }
 
     #[test]

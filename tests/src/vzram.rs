@@ -293,3 +293,28 @@ pub fn stat_table(bin: &Path, control: &Path) -> Result<String, String> {
         None => Err(format!("vzram stat did not answer in 20 s:\n{text}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_found_by_name() {
+        let s = Stat(serde_json::json!({
+            "devices": [
+                {"name": "active", "bd_stat": {"bd_count": 1}},
+                {"name": "idle", "bd_stat": {"bd_count": 7}, "tiering": {"recompressed": 3}},
+            ],
+            "store": {},
+        }));
+        assert_eq!(s.device_index("idle"), Some(1));
+        assert_eq!(s.device_index("nope"), None);
+        assert_eq!(s.dev_of("idle", "/bd_stat/bd_count"), 7);
+        assert_eq!(s.dev_of("active", "/bd_stat/bd_count"), 1);
+        assert_eq!(s.dev_opt("idle", "/tiering/recompressed"), Some(3));
+        assert_eq!(s.dev_opt("active", "/tiering/recompressed"), None);
+        assert_eq!(s.dev_opt("nope", "/bd_stat/bd_count"), None);
+        let missing = std::panic::catch_unwind(|| s.dev_of("nope", "/bd_stat/bd_count"));
+        assert!(missing.is_err());
+    }
+}
