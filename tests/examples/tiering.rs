@@ -5,7 +5,7 @@
 //! ```text
 //! tiering [--active-mem MIB] [--idle-mem MIB] [--active-factor F] [--idle-factor F]
 //!         [--hold SECS] [--alone-rounds N] [--disk SIZE] [--every SECS] [--timeout SECS]
-//!         [--vzram-args "ARGS"] [--expect-policy]
+//!         [--vzram-args "ARGS"] [--expect-policy] [--manual-tiering]
 //! ```
 //!
 //! One `vzram serve` with two devices, `active` and `idle`, each with a backing file in the
@@ -34,6 +34,11 @@
 //! hold. A vzram without `--policy` in `vzram serve --help` (before the policy lands) runs
 //! without [`POLICY_ARGS`], saying so; its policy figures are then zero. `--vzram-args` is
 //! always passed as given. `ci/bench-tiering-guests` builds what this needs and runs it.
+//!
+//! `--manual-tiering` (a check of the measurement, not of the policy): the example itself
+//! does what the policy should, with today's one-shot control commands on the idle device: a
+//! third into the hold `idle` (all pages) + `recompress --type idle`, two thirds into it
+//! `idle` + `writeback --type idle`. The output says so.
 
 use std::collections::BTreeMap;
 use std::process::{Command, ExitCode};
@@ -74,7 +79,8 @@ const IDLE: &str = "idle";
 
 const USAGE: &str = "usage: tiering [--active-mem MIB] [--idle-mem MIB] [--active-factor F] \
                      [--idle-factor F] [--hold SECS] [--alone-rounds N] [--disk SIZE] \
-                     [--every SECS] [--timeout SECS] [--vzram-args \"ARGS\"] [--expect-policy]";
+                     [--every SECS] [--timeout SECS] [--vzram-args \"ARGS\"] [--expect-policy] \
+                     [--manual-tiering]";
 
 struct Opts {
     active_mem: u32,
@@ -88,6 +94,7 @@ struct Opts {
     timeout: u64,
     vzram_args: Option<Vec<String>>,
     expect_policy: bool,
+    manual: bool,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -103,6 +110,7 @@ fn parse() -> Result<Opts, String> {
         timeout: 600,
         vzram_args: None,
         expect_policy: false,
+        manual: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -110,6 +118,10 @@ fn parse() -> Result<Opts, String> {
             "-h" | "--help" => return Err(USAGE.into()),
             "--expect-policy" => {
                 o.expect_policy = true;
+                continue;
+            }
+            "--manual-tiering" => {
+                o.manual = true;
                 continue;
             }
             _ => {}
@@ -427,6 +439,15 @@ fn run_together(o: &Opts, args: &[String]) -> Result<Both, String> {
     let mut active_watch = Watch::default();
     let mut idle_watch = Watch::default();
     let mut errors = Vec::new();
+    let mut manual_step = 0;
+    let manual = |what: &str, cmds: &[&str]| {
+        for c in cmds {
+            match backend.control_request(c) {
+                Ok(r) => println!("manual tiering ({what}): {c} -> {r}"),
+                Err(e) => println!("manual tiering ({what}): {c} failed: {e}"),
+            }
+        }
+    };
     let mut take = |t: Duration, phase: &str, samples: &mut Vec<Sample>| match sample(&backend, t) {
         Ok(s) => {
             println!(
@@ -455,6 +476,28 @@ fn run_together(o: &Opts, args: &[String]) -> Result<Both, String> {
                 _ => idle_phase.to_string(),
             };
             take(elapsed, &phase, &mut samples);
+            if let (true, Some(h)) = (o.manual, hold_start) {
+                let into = elapsed.saturating_sub(h);
+                if manual_step == 0 && into >= Duration::from_secs(o.hold / 3) {
+                    manual_step = 1;
+                    manual(
+                        "standing in for the policy's recompression",
+                        &[
+                            r#"{"cmd":"idle","device":"idle"}"#,
+                            r#"{"cmd":"recompress","device":"idle","type":"idle"}"#,
+                        ],
+                    );
+                } else if manual_step == 1 && into >= Duration::from_secs(o.hold * 2 / 3) {
+                    manual_step = 2;
+                    manual(
+                        "standing in for the policy's writeback",
+                        &[
+                            r#"{"cmd":"idle","device":"idle"}"#,
+                            r#"{"cmd":"writeback","device":"idle","type":"idle"}"#,
+                        ],
+                    );
+                }
+            }
         }
         GuestEvent::Line {
             guest, at, line, ..
@@ -526,7 +569,7 @@ fn run(o: &Opts) -> Result<bool, String> {
         .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
     let bin = guest_tests::fresh_vzram()?;
     let mut args: Vec<String> = BASE_ARGS.iter().map(|s| s.to_string()).collect();
-    let policy = match &o.vzram_args {
+    let mut policy = match &o.vzram_args {
         Some(a) => {
             args.extend(a.iter().cloned());
             format!("--vzram-args as given: {a:?}")
@@ -540,6 +583,13 @@ fn run(o: &Opts) -> Result<bool, String> {
                  pages cannot happen and their figures stay 0"
             .to_string(),
     };
+    if o.manual {
+        policy.push_str(
+            "; --manual-tiering: the example itself marks the idle device's pages idle, \
+             recompresses them (a third into the hold) and writes them back (two thirds into \
+             it) with one-shot control commands, standing in for the policy",
+        );
+    }
     println!(
         "tiering: one vzram ({}), devices `{ACTIVE}` and `{IDLE}` ({} MiB each, backing files); \
          extra arguments: {policy}",
