@@ -21,23 +21,63 @@ pub enum BackendKind {
     /// reference for what vzram must do).
     Qsd,
     /// The `vzram` daemon: `vzram serve --socket SOCK --size SIZE --num-queues N [args]`, with
-    /// its control socket `vzram.ctl` beside SOCK (the daemon's default).
+    /// its control socket `vzram.ctl` beside SOCK (the daemon's default); or, with `devices`,
+    /// one daemon serving several disks: `vzram serve --num-queues N --device
+    /// socket=<name>.sock,size=SIZE,name=NAME[,backing-file=<name>.backing] ... [args]`, the
+    /// control socket beside the first.
     Vzram {
         /// The binary: [`vzram_bin`] unless set with [`BackendSpec::with_bin`].
         bin: PathBuf,
-        /// Extra arguments after `--size`.
+        /// Extra arguments after `--size` (or after the last `--device`).
         args: Vec<String>,
+        /// The devices of a several-device daemon ([`BackendSpec::vzram_devices`]); empty for
+        /// the one-device `--socket`/`--size` form.
+        devices: Vec<VzramDevice>,
     },
 }
+
+/// One disk of a vzram daemon that serves several ([`BackendSpec::vzram_devices`]): its name
+/// (in `vzram stat` and for [`crate::Guest::start_on`]), size, and whether it has a backing
+/// file. Its socket is `<name>.sock` in the run folder, its backing file `<name>.backing`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VzramDevice {
+    /// `name=`: letters, digits, `-` and `_`.
+    pub name: String,
+    /// Disk size in bytes (a multiple of 1 MiB).
+    pub size: u64,
+    /// Give the device a (sparse) backing file for writeback.
+    pub backing_file: bool,
+}
+
+impl VzramDevice {
+    /// A device without a backing file.
+    pub fn new(name: &str, size: u64) -> VzramDevice {
+        VzramDevice {
+            name: name.to_string(),
+            size,
+            backing_file: false,
+        }
+    }
+
+    /// Gives it a backing file, `<name>.backing` in the run folder.
+    pub fn with_backing_file(mut self) -> VzramDevice {
+        self.backing_file = true;
+        self
+    }
+}
+
+/// The name of the only device of the one-device `vzram serve --socket` form (the daemon's
+/// default name), and of qemu-storage-daemon's disk.
+pub const DEFAULT_DEVICE: &str = "vz0";
 
 /// What to start: a backend kind, the disk size and the number of virtqueues it offers.
 #[derive(Clone, Debug)]
 pub struct BackendSpec {
     /// The backend.
     pub kind: BackendKind,
-    /// Disk size in bytes (a multiple of 1 MiB).
+    /// Disk size in bytes (a multiple of 1 MiB); with several devices, the first one's.
     pub size: u64,
-    /// Virtqueues the backend offers; QEMU's `num-queues` is set to the same.
+    /// Virtqueues the backend offers (every device); QEMU's `num-queues` is set to the same.
     pub queues: u16,
 }
 
@@ -66,8 +106,25 @@ impl BackendSpec {
             kind: BackendKind::Vzram {
                 bin: vzram_bin(),
                 args: args.iter().map(|s| s.to_string()).collect(),
+                devices: Vec::new(),
             },
             size,
+            queues: 2,
+        }
+    }
+
+    /// One vzram daemon ([`vzram_bin`]) serving every device of `devices` (each `--device`
+    /// with its own socket and, if asked, backing file), 2 queues each, and extra `serve`
+    /// arguments (`--comp`, `--recomp`, `--mem-limit` ...). Guests pick their device with
+    /// [`crate::Guest::start_on`]; [`crate::Guest::start`] takes the first.
+    pub fn vzram_devices(devices: &[VzramDevice], args: &[&str]) -> BackendSpec {
+        BackendSpec {
+            kind: BackendKind::Vzram {
+                bin: vzram_bin(),
+                args: args.iter().map(|s| s.to_string()).collect(),
+                devices: devices.to_vec(),
+            },
+            size: devices.first().map_or(0, |d| d.size),
             queues: 2,
         }
     }
@@ -111,12 +168,16 @@ pub fn size_arg(size: u64) -> String {
     }
 }
 
-/// A running backend; stopped (by PID) and its socket and disk file removed when dropped.
+/// A running backend; stopped (by PID) and its sockets and disk files removed when dropped.
 #[derive(Debug)]
 pub struct Backend {
     spec: BackendSpec,
-    socket: Option<PathBuf>,
+    /// Every device's (name, vhost-user socket); the first is the default. Empty for None.
+    sockets: Vec<(String, PathBuf)>,
+    /// QSD's raw disk file.
     disk_file: Option<PathBuf>,
+    /// vzram's backing files: (device name, path).
+    backing_files: Vec<(String, PathBuf)>,
     log: PathBuf,
     proc: Option<Proc>,
     command: String,
@@ -125,16 +186,19 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Starts the backend in `dir` and waits until its socket exists.
+    /// Starts the backend in `dir` and waits until its sockets exist.
     pub fn start(dir: &RunDir, spec: BackendSpec) -> Result<Backend, RunError> {
         let log = dir.join("backend.log");
         let socket = dir.join("disk.sock");
+        let mut sockets = vec![(DEFAULT_DEVICE.to_string(), socket.clone())];
+        let mut backing_files = Vec::new();
         let (cmd, disk_file, name) = match &spec.kind {
             BackendKind::None => {
                 return Ok(Backend {
                     spec,
-                    socket: None,
+                    sockets: Vec::new(),
                     disk_file: None,
+                    backing_files,
                     log,
                     proc: None,
                     command: String::new(),
@@ -159,7 +223,7 @@ impl Backend {
                 ));
                 (cmd, Some(file), "qemu-storage-daemon")
             }
-            BackendKind::Vzram { bin, args } => {
+            BackendKind::Vzram { bin, args, devices } => {
                 // The default binary is built from the current sources first (once per
                 // process): a stale daemon must not be tested by accident.
                 if *bin == vzram_bin() {
@@ -173,12 +237,42 @@ impl Backend {
                     )));
                 }
                 let mut cmd = Command::new(bin);
-                cmd.arg("serve")
-                    .arg("--socket")
-                    .arg(&socket)
-                    .arg("--size")
-                    .arg(size_arg(spec.size))
-                    .arg("--num-queues")
+                cmd.arg("serve");
+                if devices.is_empty() {
+                    cmd.arg("--socket")
+                        .arg(&socket)
+                        .arg("--size")
+                        .arg(size_arg(spec.size));
+                } else {
+                    sockets.clear();
+                    for d in devices {
+                        let ok = !d.name.is_empty()
+                            && d.name
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                        if !ok || sockets.iter().any(|(n, _)| *n == d.name) {
+                            return Err(RunError::setup(format!(
+                                "bad or repeated vzram device name {:?}",
+                                d.name
+                            )));
+                        }
+                        let sock = dir.join(&format!("{}.sock", d.name));
+                        let mut dev = format!(
+                            "socket={},size={},name={}",
+                            sock.display(),
+                            size_arg(d.size),
+                            d.name
+                        );
+                        if d.backing_file {
+                            let f = dir.join(&format!("{}.backing", d.name));
+                            dev.push_str(&format!(",backing-file={}", f.display()));
+                            backing_files.push((d.name.clone(), f));
+                        }
+                        cmd.arg("--device").arg(dev);
+                        sockets.push((d.name.clone(), sock));
+                    }
+                }
+                cmd.arg("--num-queues")
                     .arg(spec.queues.to_string())
                     .args(args);
                 (cmd, None, "vzram")
@@ -196,7 +290,7 @@ impl Backend {
             .map_err(|e| RunError::setup(e.to_string()))?;
 
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
+        while !sockets.iter().all(|(_, s)| s.exists()) {
             if let Some(status) = proc.try_wait() {
                 return Err(RunError::setup(format!(
                     "{name} exited ({status}) before creating its socket:\n{}",
@@ -213,8 +307,9 @@ impl Backend {
         }
         Ok(Backend {
             spec,
-            socket: Some(socket),
+            sockets,
             disk_file,
+            backing_files,
             log,
             proc: Some(proc),
             command,
@@ -232,14 +327,37 @@ impl Backend {
         &self.command
     }
 
-    /// The vhost-user socket (None for [`BackendKind::None`]).
+    /// The vhost-user socket, the first device's with several (None for
+    /// [`BackendKind::None`]).
     pub fn socket(&self) -> Option<&Path> {
-        self.socket.as_deref()
+        self.sockets.first().map(|(_, s)| s.as_path())
     }
 
-    /// The vzram daemon's control socket (Vzram only): `vzram.ctl` beside the vhost-user socket.
+    /// The vhost-user socket of the device named `device` ([`DEFAULT_DEVICE`] for a
+    /// one-device backend).
+    pub fn socket_of(&self, device: &str) -> Option<&Path> {
+        self.sockets
+            .iter()
+            .find(|(n, _)| n == device)
+            .map(|(_, s)| s.as_path())
+    }
+
+    /// The names of the devices, in the order given (`[DEFAULT_DEVICE]` for one device).
+    pub fn device_names(&self) -> Vec<&str> {
+        self.sockets.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Bytes of memory (tmpfs) or disk the backing file of `device` holds (vzram with
+    /// [`VzramDevice::with_backing_file`]): what writeback moved there.
+    pub fn backing_file_allocated(&self, device: &str) -> Option<u64> {
+        let (_, f) = self.backing_files.iter().find(|(n, _)| n == device)?;
+        fs::metadata(f).ok().map(|m| m.blocks() * 512)
+    }
+
+    /// The vzram daemon's control socket (Vzram only): `vzram.ctl` beside the (first)
+    /// vhost-user socket.
     pub fn control(&self) -> Option<PathBuf> {
-        match (&self.spec.kind, &self.socket) {
+        match (&self.spec.kind, self.socket()) {
             (BackendKind::Vzram { .. }, Some(s)) => Some(s.with_file_name("vzram.ctl")),
             _ => None,
         }
@@ -309,8 +427,9 @@ impl Backend {
             let _ = p.child_mut().kill();
             let _ = p.child_mut().wait();
         }
-        self.socket = None;
+        self.sockets.clear();
         self.disk_file = None;
+        self.backing_files.clear();
         self.log()
     }
 
@@ -319,10 +438,14 @@ impl Backend {
         if let Some(mut p) = self.proc.take() {
             p.stop();
         }
-        if let Some(s) = &self.socket {
+        for (_, s) in &self.sockets {
             let _ = fs::remove_file(s);
         }
-        if let Some(f) = &self.disk_file {
+        for f in self
+            .disk_file
+            .iter()
+            .chain(self.backing_files.iter().map(|(_, f)| f))
+        {
             let _ = fs::remove_file(f);
         }
         self.log()
@@ -332,5 +455,76 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Stands in for `vzram serve --device ...`: records its arguments, creates every
+    /// `socket=` as a plain file (all the runner waits for) and sleeps until stopped.
+    const STAND_IN: &str = r#"#!/bin/sh
+echo "$*" >"$(dirname "$0")/args"
+for a in "$@"; do
+    case $a in socket=*) s=${a#socket=}; : >"${s%%,*}" ;; esac
+done
+exec sleep 60
+"#;
+
+    #[test]
+    fn one_vzram_serves_several_devices_each_on_its_socket() {
+        let dir = RunDir::new("vzram-devices").unwrap();
+        let script = dir.join("vzram");
+        fs::write(&script, STAND_IN).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let devices = [
+            VzramDevice::new("active", 512 << 20).with_backing_file(),
+            VzramDevice::new("idle", 256 << 20),
+        ];
+        let spec = BackendSpec::vzram_devices(&devices, &["--comp", "lz4"]).with_bin(&script);
+        let mut b = Backend::start(&dir, spec).unwrap();
+        let p = |name: &str| dir.join(name).display().to_string();
+        assert_eq!(
+            fs::read_to_string(dir.join("args")).unwrap().trim(),
+            format!(
+                "serve --device socket={},size=512M,name=active,backing-file={} \
+                 --device socket={},size=256M,name=idle --num-queues 2 --comp lz4",
+                p("active.sock"),
+                p("active.backing"),
+                p("idle.sock")
+            )
+        );
+        assert_eq!(b.device_names(), ["active", "idle"]);
+        assert_eq!(b.socket(), Some(dir.join("active.sock").as_path()));
+        assert_eq!(b.socket_of("idle"), Some(dir.join("idle.sock").as_path()));
+        assert_eq!(b.socket_of("vz0"), None);
+        assert_eq!(b.control(), Some(dir.join("vzram.ctl")));
+        assert_eq!(b.spec().size, 512 << 20);
+        // No file yet: the stand-in writes no data.
+        assert_eq!(b.backing_file_allocated("active"), None);
+        assert_eq!(b.backing_file_allocated("idle"), None);
+        b.stop();
+        assert!(!dir.join("active.sock").exists() && !dir.join("idle.sock").exists());
+    }
+
+    #[test]
+    fn device_names_must_be_plain_and_distinct() {
+        let dir = RunDir::new("vzram-bad-devices").unwrap();
+        for names in [["a", "a"], ["a", "b,c"], ["", "b"]] {
+            let devices = names.map(|n| VzramDevice::new(n, 1 << 20));
+            let spec = BackendSpec::vzram_devices(&devices, &[]).with_bin("/bin/true");
+            let e = Backend::start(&dir, spec).unwrap_err();
+            assert!(e.message.contains("device name"), "{names:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_backend_without_a_disk_has_no_devices() {
+        let dir = RunDir::new("qsd-name").unwrap();
+        let b = Backend::start(&dir, BackendSpec::none()).unwrap();
+        assert!(b.device_names().is_empty());
+        assert_eq!(b.socket(), None);
     }
 }

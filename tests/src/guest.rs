@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
@@ -342,8 +342,85 @@ impl fmt::Debug for RunError {
 impl std::error::Error for RunError {}
 
 /// One guest at a time per test process: TCG guests on a 2-core machine would only slow each
-/// other down past their timeouts, and timings would mean nothing.
-static ONE_GUEST: Mutex<()> = Mutex::new(());
+/// other down past their timeouts, and timings would mean nothing. The slot is held by a
+/// [`Guest`] (or a [`Together`] and the guests it starts) until it is dropped; a scenario that
+/// needs several guests at once takes it for all of them with [`Together`].
+static SLOT_BUSY: Mutex<bool> = Mutex::new(false);
+static SLOT_FREED: Condvar = Condvar::new();
+
+/// The process's guest slot, held; freed when the last clone is dropped.
+#[derive(Debug)]
+struct Slot;
+
+impl Slot {
+    /// Waits until no guest (and no [`Together`]) of this process holds the slot.
+    fn take() -> Arc<Slot> {
+        let mut busy = SLOT_BUSY.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = SLOT_FREED.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy = true;
+        Arc::new(Slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *SLOT_BUSY.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        SLOT_FREED.notify_one();
+    }
+}
+
+/// Several guests running at the same time, on purpose: the one exception to one guest at a
+/// time per process. It takes the process's guest slot (waiting for running guests to end)
+/// and shares it with every guest it starts; the slot is free again once it and they are all
+/// dropped. Wait for them together with [`wait_together`].
+///
+/// ```no_run
+/// use guest_tests::{Backend, BackendSpec, GuestSpec, RunDir, Together, VzramDevice, MIB};
+///
+/// let dir = RunDir::new("two")?;
+/// let devices = [VzramDevice::new("a", 512 * MIB), VzramDevice::new("b", 512 * MIB)];
+/// let vzram = Backend::start(&dir, BackendSpec::vzram_devices(&devices, &["--comp", "lz4"]))?;
+/// let both = Together::new();
+/// let a = both.start_on(&dir, &GuestSpec::new("swap").cpus(1), &vzram, "a")?;
+/// let b = both.start_on(&dir, &GuestSpec::new("swap").cpus(1), &vzram, "b")?;
+/// let outcomes = guest_tests::wait_together(vec![a, b], std::time::Duration::from_secs(5), |_| {});
+/// # Ok::<(), guest_tests::RunError>(())
+/// ```
+#[derive(Debug)]
+pub struct Together {
+    slot: Arc<Slot>,
+}
+
+impl Together {
+    /// Takes the guest slot for a group of guests (waits while another guest runs).
+    #[allow(clippy::new_without_default)] // taking the slot may block: not a default value
+    pub fn new() -> Together {
+        Together { slot: Slot::take() }
+    }
+
+    /// Boots a guest of the group on `backend`'s first (or only) device.
+    pub fn start(
+        &self,
+        dir: &RunDir,
+        spec: &GuestSpec,
+        backend: &Backend,
+    ) -> Result<Guest, RunError> {
+        Guest::launch(dir, spec, backend, None, self.slot.clone())
+    }
+
+    /// Boots a guest of the group on `backend`'s device `device`.
+    pub fn start_on(
+        &self,
+        dir: &RunDir,
+        spec: &GuestSpec,
+        backend: &Backend,
+        device: &str,
+    ) -> Result<Guest, RunError> {
+        Guest::launch(dir, spec, backend, Some(device), self.slot.clone())
+    }
+}
 
 /// A running QEMU; killed (by PID) when dropped.
 #[derive(Debug)]
@@ -356,18 +433,49 @@ pub struct Guest {
     qemu_log: PathBuf,
     backend_log: Option<PathBuf>,
     command: String,
-    _one: MutexGuard<'static, ()>,
+    _slot: Arc<Slot>,
     // Declared after qemu: fields drop in order, so the folder outlives QEMU.
     _dir: RunDir,
 }
 
 impl Guest {
-    /// Boots the image with `spec`; the disk comes from `backend` (none for
-    /// [`crate::BackendKind::None`]). Files go to `dir`.
+    /// Boots the image with `spec`; the disk comes from `backend` (its first device; none for
+    /// [`crate::BackendKind::None`]). Files go to `dir`. Waits while another guest of this
+    /// process runs.
     pub fn start(dir: &RunDir, spec: &GuestSpec, backend: &Backend) -> Result<Guest, RunError> {
-        let image = Image::get().map_err(RunError::setup)?;
+        Guest::launch(dir, spec, backend, None, Slot::take())
+    }
+
+    /// Like [`Guest::start`], on `backend`'s device named `device` (a
+    /// [`crate::BackendSpec::vzram_devices`] name, or [`crate::DEFAULT_DEVICE`]). Its QEMU log
+    /// is `qemu-<device>.log`.
+    pub fn start_on(
+        dir: &RunDir,
+        spec: &GuestSpec,
+        backend: &Backend,
+        device: &str,
+    ) -> Result<Guest, RunError> {
+        Guest::launch(dir, spec, backend, Some(device), Slot::take())
+    }
+
+    fn launch(
+        dir: &RunDir,
+        spec: &GuestSpec,
+        backend: &Backend,
+        device: Option<&str>,
+        slot: Arc<Slot>,
+    ) -> Result<Guest, RunError> {
+        let socket = match device {
+            None => backend.socket(),
+            Some(d) => Some(backend.socket_of(d).ok_or_else(|| {
+                RunError::setup(format!(
+                    "the backend has no device {d:?} (it has {:?})",
+                    backend.device_names()
+                ))
+            })?),
+        };
         let cmdline = spec.cmdline().map_err(RunError::setup)?;
-        let one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+        let image = Image::get().map_err(RunError::setup)?;
         let accel = Accel::detect();
         let mem = format!("{}M", spec.mem_mib);
 
@@ -382,7 +490,7 @@ impl Guest {
         cmd.arg("-object")
             .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"));
         cmd.args(["-numa", "node,memdev=mem"]);
-        if let Some(sock) = backend.socket() {
+        if let Some(sock) = socket {
             // reconnect=1: QEMU survives a backend restart and reconnects every second.
             cmd.arg("-chardev").arg(format!(
                 "socket,id=disk0,path={},reconnect=1",
@@ -399,7 +507,10 @@ impl Guest {
         cmd.args(["-serial", "stdio", "-monitor", "none"]);
 
         let command = crate::proc::command_line(&cmd);
-        let qemu_log = dir.join("qemu.log");
+        let qemu_log = dir.join(&match device {
+            None => "qemu.log".to_string(),
+            Some(d) => format!("qemu-{d}.log"),
+        });
         let log = File::create(&qemu_log).map_err(|e| RunError::setup(e.to_string()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
         let started = Instant::now();
@@ -408,7 +519,10 @@ impl Guest {
         let stdout = qemu.child_mut().stdout.take().expect("stdout is piped");
         let (tx, lines) = mpsc::channel();
         let echo = std::env::var_os("VZRAM_GUEST_ECHO").is_some();
-        let name = spec.test.clone();
+        let name = match device {
+            None => spec.test.clone(),
+            Some(d) => format!("{} {d}", spec.test),
+        };
         std::thread::spawn(move || {
             let mut r = BufReader::new(stdout);
             let mut buf = Vec::new();
@@ -438,7 +552,7 @@ impl Guest {
             qemu_log,
             backend_log: backend.log_path().map(Path::to_path_buf),
             command,
-            _one: one,
+            _slot: slot,
             _dir: dir.clone(),
         })
     }
@@ -590,6 +704,94 @@ impl Guest {
     }
 }
 
+/// What [`wait_together`] reports while its guests run.
+#[derive(Debug)]
+pub enum GuestEvent<'a> {
+    /// A serial line of guest number `guest` (its index in the list), as it arrived, with
+    /// that guest's `VZRAM-INFO` facts so far.
+    Line {
+        /// Index of the guest in the list given to [`wait_together`].
+        guest: usize,
+        /// When the line arrived.
+        at: Instant,
+        /// The line.
+        line: &'a str,
+        /// The guest's facts so far, this line's included.
+        info: &'a BTreeMap<String, String>,
+    },
+    /// The period has passed (also when nothing was printed): time to sample the backend.
+    Tick {
+        /// Since [`wait_together`] was called.
+        elapsed: Duration,
+    },
+}
+
+/// Waits for several running guests at once (started by a [`Together`]) and returns their
+/// outcomes in the same order. Each guest is waited for on a thread of its own, exactly as
+/// [`Guest::wait`] (its own time limit, backend panic detection); this thread calls
+/// `on_event` for every serial line of every guest and every `every` with a
+/// [`GuestEvent::Tick`]. Returns when all guests have finished or failed.
+///
+/// The guests' QEMU processes stay children of the thread that started them, which is
+/// blocked here until they end.
+pub fn wait_together(
+    guests: Vec<Guest>,
+    every: Duration,
+    mut on_event: impl FnMut(GuestEvent<'_>),
+) -> Vec<Result<Outcome, RunError>> {
+    let started = Instant::now();
+    let n = guests.len();
+    let (tx, rx) = mpsc::channel::<(usize, Instant, String)>();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = guests
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let tx = tx.clone();
+                s.spawn(move || {
+                    g.wait_with(|line, _| {
+                        let _ = tx.send((i, Instant::now(), line.to_string()));
+                    })
+                })
+            })
+            .collect();
+        drop(tx);
+        let mut infos = vec![BTreeMap::new(); n];
+        let mut next_tick = started + every;
+        loop {
+            let now = Instant::now();
+            if now >= next_tick {
+                on_event(GuestEvent::Tick {
+                    elapsed: now - started,
+                });
+                next_tick = (next_tick + every).max(now);
+                continue;
+            }
+            match rx.recv_timeout(next_tick - now) {
+                Ok((guest, at, line)) => {
+                    parse_info(&line, &mut infos[guest]);
+                    on_event(GuestEvent::Line {
+                        guest,
+                        at,
+                        line: &line,
+                        info: &infos[guest],
+                    });
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // Every guest's wait has returned.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(r) => r,
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,6 +825,31 @@ mod tests {
         assert_eq!(parse_result("VZRAM-RESULT: MAYBE x"), None);
         assert_eq!(parse_result("VZRAM-RESULT: PASS"), None);
         assert_eq!(parse_result("PASS swap"), None);
+    }
+
+    #[test]
+    fn together_holds_the_guest_slot_until_it_and_its_guests_are_gone() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let group = Together::new();
+        let shared = group.slot.clone(); // what a guest of the group keeps
+        let taken = Arc::new(AtomicBool::new(false));
+        let t = {
+            let taken = taken.clone();
+            std::thread::spawn(move || {
+                let _slot = Slot::take();
+                taken.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        drop(group);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !taken.load(Ordering::SeqCst),
+            "a guest of the group still runs"
+        );
+        drop(shared);
+        t.join().unwrap();
+        assert!(taken.load(Ordering::SeqCst));
     }
 
     #[test]

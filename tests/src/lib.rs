@@ -23,7 +23,10 @@
 //! ```
 //!
 //! [`run`] does the same in one call. Processes are stopped by PID (SIGTERM, then SIGKILL) and
-//! also die with the test process (`PR_SET_PDEATHSIG`). One guest runs at a time per process.
+//! also die with the test process (`PR_SET_PDEATHSIG`). One guest runs at a time per process,
+//! unless a [`Together`] starts several on purpose (one vzram daemon serving several devices,
+//! [`BackendSpec::vzram_devices`], a guest per device: [`Together::start_on`],
+//! [`wait_together`]).
 //!
 //! Environment: `VZRAM_GUEST_ACCEL=kvm|tcg` (default: KVM only when kvm_intel or kvm_amd is
 //! loaded), `VZRAM_GUEST_ECHO=1` (print the serial console live), `VZRAM_GUEST_KEEP=1` (keep
@@ -36,10 +39,12 @@ mod image;
 mod proc;
 mod vzram;
 
-pub use backend::{Backend, BackendKind, BackendSpec, size_arg, vzram_bin};
+pub use backend::{
+    Backend, BackendKind, BackendSpec, DEFAULT_DEVICE, VzramDevice, size_arg, vzram_bin,
+};
 pub use guest::{
-    Accel, Guest, GuestResult, GuestSpec, INFO_MARK, Outcome, RESULT_MARK, RunError, RunErrorKind,
-    parse_info, parse_result,
+    Accel, Guest, GuestEvent, GuestResult, GuestSpec, INFO_MARK, Outcome, RESULT_MARK, RunError,
+    RunErrorKind, Together, parse_info, parse_result, wait_together,
 };
 pub use image::{Image, image_dir, workspace_root};
 pub use proc::{Proc, RunDir};

@@ -151,6 +151,35 @@ impl Stat {
         self.u64(&format!("/devices/0{pointer}"))
     }
 
+    /// The index in `devices` of the device named `name` (`name=` of `--device`; `vz0` for
+    /// the one-device form).
+    pub fn device_index(&self, name: &str) -> Option<usize> {
+        self.0
+            .pointer("/devices")
+            .and_then(Value::as_array)?
+            .iter()
+            .position(|d| d.get("name").and_then(Value::as_str) == Some(name))
+    }
+
+    /// A number of the device named `name` by JSON pointer (`/bd_stat/bd_count`); panics,
+    /// with the whole answer, when the device or the field is missing.
+    #[track_caller]
+    pub fn dev_of(&self, name: &str, pointer: &str) -> u64 {
+        match self.device_index(name) {
+            Some(i) => self.u64(&format!("/devices/{i}{pointer}")),
+            None => panic!("vzram stat has no device {name:?}:\n{:#}", self.0),
+        }
+    }
+
+    /// A number of the device named `name`, or None when the device or the field is absent:
+    /// for statistics that only some versions of the daemon report (`/tiering/recompressed`).
+    pub fn dev_opt(&self, name: &str, pointer: &str) -> Option<u64> {
+        let i = self.device_index(name)?;
+        self.0
+            .pointer(&format!("/devices/{i}{pointer}"))
+            .and_then(Value::as_u64)
+    }
+
     /// A boolean of the first device (`/connected`).
     #[track_caller]
     pub fn dev_bool(&self, pointer: &str) -> bool {
@@ -262,5 +291,30 @@ pub fn stat_table(bin: &Path, control: &Path) -> Result<String, String> {
         Some(s) if s.success() => Ok(text),
         Some(s) => Err(format!("vzram stat failed ({s}):\n{text}")),
         None => Err(format!("vzram stat did not answer in 20 s:\n{text}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_found_by_name() {
+        let s = Stat(serde_json::json!({
+            "devices": [
+                {"name": "active", "bd_stat": {"bd_count": 1}},
+                {"name": "idle", "bd_stat": {"bd_count": 7}, "tiering": {"recompressed": 3}},
+            ],
+            "store": {},
+        }));
+        assert_eq!(s.device_index("idle"), Some(1));
+        assert_eq!(s.device_index("nope"), None);
+        assert_eq!(s.dev_of("idle", "/bd_stat/bd_count"), 7);
+        assert_eq!(s.dev_of("active", "/bd_stat/bd_count"), 1);
+        assert_eq!(s.dev_opt("idle", "/tiering/recompressed"), Some(3));
+        assert_eq!(s.dev_opt("active", "/tiering/recompressed"), None);
+        assert_eq!(s.dev_opt("nope", "/bd_stat/bd_count"), None);
+        let missing = std::panic::catch_unwind(|| s.dev_of("nope", "/bd_stat/bd_count"));
+        assert!(missing.is_err());
     }
 }
