@@ -863,6 +863,9 @@ fn run_once(
     let args = plan.args;
     let n = args.devices;
     let rig = Rig::new(plan, spec)?;
+    // As `vzram serve` does with the policy on or off: a write at the limit takes pages idle
+    // for the idle age (direct reclaim).
+    rig.store.set_reclaim_age(args.idle_age);
     let policy = match spec.policy {
         PolicyMode::On => {
             let defaults = PolicyConfig::default();

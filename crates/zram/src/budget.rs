@@ -201,6 +201,34 @@ impl Store {
 }
 
 impl Device {
+    /// The policy's cold age for this device (longer than the store's reclaim age while its
+    /// promotions are above target); zero: none.
+    pub fn set_cold_age(&self, age: Duration) {
+        self.cold_age.store(age.as_secs(), Relaxed);
+    }
+
+    fn cold_age_secs(&self) -> u32 {
+        self.cold_age.load(Relaxed).min(u32::MAX as u64) as u32
+    }
+
+    /// One round of direct reclaim: up to [`BATCH`] pages cold by `age_of(device)` written
+    /// back, from this device (its own limit) or in the store's reclaim order.
+    fn reclaim_round(&self, full: Full, age_of: impl Fn(&Device) -> u32) -> u64 {
+        match full {
+            Full::Device => self.reclaim_for_write(age_of(self), BATCH),
+            Full::Store => {
+                let mut moved = 0;
+                for dev in self.store().reclaim_order(self) {
+                    moved += dev.reclaim_for_write(age_of(&dev), BATCH - moved);
+                    if moved >= BATCH {
+                        break;
+                    }
+                }
+                moved
+            }
+        }
+    }
+
     /// Whether `add` more compressed bytes, replacing `sub`, keep this device within its own
     /// `limit` (the write path reads the limit first, and comes here only if there is one).
     #[cold]
@@ -224,17 +252,11 @@ impl Device {
             }
         }
         let age = store.reclaim_age.load(Relaxed).min(u32::MAX as u64) as u32;
-        let mut moved = 0;
-        match full {
-            Full::Device => moved += self.reclaim_for_write(age, BATCH),
-            Full::Store => {
-                for dev in store.reclaim_order(self) {
-                    moved += dev.reclaim_for_write(age, BATCH - moved);
-                    if moved >= BATCH {
-                        break;
-                    }
-                }
-            }
+        // First pages cold by each device's own (backed-off) age, so that a device whose pages
+        // come back too often keeps them; only then pages cold by the store's age.
+        let mut moved = self.reclaim_round(full, |d| d.cold_age_secs().max(age));
+        if moved == 0 {
+            moved = self.reclaim_round(full, |_| age);
         }
         if moved == 0 {
             // The cold pages left may be in another writer's hands, being written back to

@@ -102,6 +102,14 @@ pub struct Device {
     /// The clock hands of the cold-page passes: the next slot writeback (reclaim, direct
     /// reclaim) and cold recompression look at.
     writeback_cursor: AtomicU64,
+    /// Direct reclaim found no cold page in a whole turn: `(second + 1) << 32 | age` (0:
+    /// never). Until the clock moves past that second, or for a shorter age, the same scan
+    /// would find nothing again, so a write at a full limit fails without repeating it.
+    nothing_cold: AtomicU64,
+    /// The policy's cold age for this device in seconds (0: none), longer than the store's
+    /// reclaim age while the device's promotions are above target: direct reclaim honours it
+    /// first.
+    pub(crate) cold_age: AtomicU64,
     recompress_cursor: AtomicU64,
 }
 
@@ -165,6 +173,8 @@ impl Device {
             born,
             mem_limit: AtomicU64::new(0),
             writeback_cursor: AtomicU64::new(0),
+            nothing_cold: AtomicU64::new(0),
+            cold_age: AtomicU64::new(0),
             recompress_cursor: AtomicU64::new(0),
         });
         dev.store.register(&dev);
@@ -350,6 +360,10 @@ impl Device {
                 c.compr_data_size.fetch_add(e.len() as u64, Relaxed);
             }
             State::Huge => {
+                // A huge page is cold for direct reclaim as soon as it is stored.
+                if self.nothing_cold.load(Relaxed) != 0 {
+                    self.nothing_cold.store(0, Relaxed);
+                }
                 c.compr_data_size.fetch_add(PAGE_SIZE as u64, Relaxed);
                 c.huge_pages.fetch_add(1, Relaxed);
                 c.huge_pages_since.fetch_add(1, Relaxed);
@@ -1109,10 +1123,18 @@ mod tests {
         assert_eq!((r.scanned, r.written), (46, 1));
         let r = dev.reclaim(now, 1, &go).unwrap();
         assert_eq!((r.scanned, r.written), (2, 1), "6 and 7");
-        // Recently used pages are not cold, unless idle or huge.
+        // Recently used pages are not cold, unless idle or huge; but a pass for an age beyond
+        // the store's reclaim age (a device under back-off) wants huge pages that old too.
         dev.write_page(5, &page(PageKind::Heap, 5), &mut s).unwrap();
         dev.write_page(9, &page(PageKind::Random, 9), &mut s)
             .unwrap();
+        let r = dev.reclaim(hour, 10, &go).unwrap();
+        assert_eq!(
+            (r.scanned, r.written),
+            (100, 0),
+            "backed off: not even the huge page"
+        );
+        st.set_reclaim_age(hour);
         let r = dev.reclaim(hour, 10, &go).unwrap();
         assert_eq!((r.scanned, r.written), (100, 1), "the huge page");
         dev.mark_idle(None);

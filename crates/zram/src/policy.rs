@@ -63,9 +63,10 @@ use std::time::{Duration, Instant};
 pub const MIN_COMPACT_PAGES: u64 = 16;
 /// Promotions are counted over this sliding window.
 pub const PROMOTION_WINDOW: Duration = Duration::from_secs(60);
-/// A device's cold age changes at most once per this (half the promotion window: a change
-/// shows in the rate only as new pages are written back at the new age), and its count of
-/// recently used pages (a scan of its slots) is refreshed at most this often.
+/// A device's cold age changes at most once per this, or per half its cold age if that is
+/// shorter (a change shows in the rate only as pages are written back at the new age, which
+/// takes about a cold age; short ages, as in benchmarks that compress time, step faster), and
+/// its count of recently used pages (a scan of its slots) is refreshed as often.
 pub const BACKOFF_STEP: Duration = Duration::from_secs(30);
 /// A device that had no more work for an action is left alone by that action this long.
 pub const REST: Duration = Duration::from_secs(15);
@@ -255,6 +256,9 @@ pub trait Target {
     fn devices(&self) -> Vec<Self::Device>;
     /// A snapshot of one device's counters (cheap: no scan).
     fn view(&self, dev: &Self::Device) -> DeviceView;
+    /// Tells the device its cold age under back-off, for the writes that reclaim by themselves
+    /// at a limit (called every tick).
+    fn set_cold_age(&self, dev: &Self::Device, age: Duration);
     /// Pages of the device accessed within `window` (a scan of its slots: called at most once
     /// per [`BACKOFF_STEP`] per device, and only for devices with promotions).
     fn recently_used_pages(&self, dev: &Self::Device, window: Duration) -> u64;
@@ -652,10 +656,11 @@ impl Policy {
     ) {
         let st = &mut *d.state;
         let rate = st.promotions_per_min;
+        let step = (st.cold_age / 2).clamp(Duration::from_secs(1), BACKOFF_STEP);
         if rate > 0.0
             && st
                 .recent
-                .is_none_or(|(at, _)| now.saturating_duration_since(at) >= BACKOFF_STEP)
+                .is_none_or(|(at, _)| now.saturating_duration_since(at) >= step)
         {
             let pages = target.recently_used_pages(&d.dev, cfg.idle_age);
             st.recent = Some((now, pages));
@@ -664,7 +669,7 @@ impl Policy {
         st.throttled = rate > target_rate;
         let may_step = st
             .last_backoff_step
-            .is_none_or(|at| now.saturating_duration_since(at) >= BACKOFF_STEP);
+            .is_none_or(|at| now.saturating_duration_since(at) >= step);
         if st.throttled {
             if may_step && st.cold_age < cfg.max_cold_age {
                 st.cold_age = (st.cold_age * 2).min(cfg.max_cold_age);
@@ -679,6 +684,8 @@ impl Policy {
         }
         // Keep the age inside the knobs even if they changed under a running back-off.
         st.cold_age = st.cold_age.clamp(cfg.idle_age, cfg.max_cold_age);
+        // Direct reclaim (in the write path) honours it too, before it falls back to idle_age.
+        target.set_cold_age(&d.dev, st.cold_age);
         d.tick.throttled = st.throttled;
         d.tick.cold_age_secs = st.cold_age.as_secs_f64();
     }

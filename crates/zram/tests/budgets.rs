@@ -233,6 +233,49 @@ fn at_the_store_limit_a_device_above_its_share_pays_first() {
     );
 }
 
+/// A device whose cold age the policy raised (its pages come back too often) keeps its pages
+/// while another device has cold ones, even when it is the one above its share; once nothing
+/// else is cold, its pages go rather than a write failing.
+#[test]
+fn direct_reclaim_honours_a_backed_off_cold_age_before_it_falls_back() {
+    let st = store(16384);
+    st.set_reclaim_age(Duration::from_secs(1));
+    let (fa, fb) = (TempFile::new("aged-a"), TempFile::new("aged-b"));
+    let (a, b) = (device(&st, 8192, Some(&fa)), device(&st, 8192, Some(&fb)));
+    let mut s = a.new_stream();
+    let limit = 8 * MIB;
+    // A holds most of the pool (above its half), B a little; both go cold by the store's age.
+    let a_end = fill_pool(&a, 1, 0, limit * 7 / 10, &mut s);
+    let b_old = fill_pool(&b, 2, 0, limit * 9 / 10, &mut s);
+    thread::sleep(Duration::from_millis(2100));
+    a.set_cold_age(Duration::from_secs(3600));
+    st.set_mem_limit(limit);
+    // B writes new pages at the limit: B's old pages pay, not A's.
+    let mut b_end = b_old;
+    while b.stats().bd_stat.bd_count < b_old / 2 {
+        b.write_page(b_end, &page(2, b_end), &mut s).unwrap();
+        b_end += 1;
+    }
+    assert_eq!(a.stats().bd_stat.bd_count, 0, "A's back-off is honoured");
+    // B keeps writing: its old pages run out (the new ones are young, but for the huge ones),
+    // then A's go.
+    for _ in 0..2 * b_old {
+        b.write_page(b_end, &page(2, b_end), &mut s).unwrap();
+        b_end += 1;
+    }
+    assert!(
+        a.stats().bd_stat.bd_count > 0,
+        "the fallback takes A's pages"
+    );
+    assert_eq!(b.stats().io_stat.failed_writes, 0);
+    for i in 0..a_end {
+        assert_eq!(read(&a, i, &mut s), page(1, i), "A's page {i}");
+    }
+    for i in 0..b_end {
+        assert_eq!(read(&b, i, &mut s), page(2, i), "B's page {i}");
+    }
+}
+
 #[test]
 fn a_swap_out_burst_into_a_store_full_of_cold_pages_never_fails() {
     const BURST: u64 = 40 * MIB / PAGE_SIZE as u64;

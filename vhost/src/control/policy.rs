@@ -199,6 +199,10 @@ impl Target for DaemonTarget {
         }
     }
 
+    fn set_cold_age(&self, d: &Arc<BlkDevice>, age: Duration) {
+        d.zram.set_cold_age(age);
+    }
+
     fn recently_used_pages(&self, d: &Arc<BlkDevice>, window: Duration) -> u64 {
         d.zram.recently_used_pages(window)
     }

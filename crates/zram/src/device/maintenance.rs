@@ -91,6 +91,8 @@ impl Device {
                 marked += 1;
             }
         }
+        // Idle pages are cold for direct reclaim.
+        self.nothing_cold.store(0, Relaxed);
         marked
     }
 
@@ -298,9 +300,17 @@ impl Device {
         let Some(backing) = &self.backing else {
             return 0;
         };
-        let written = self
-            .reclaim_pass(backing, age, max_pages, None)
-            .map_or(0, |r| r.written);
+        let now = u64::from(self.now());
+        let memo = self.nothing_cold.load(Relaxed);
+        if memo >> 32 == now + 1 && age >= memo as u32 {
+            return 0;
+        }
+        let r = self.reclaim_pass(backing, age, max_pages, None);
+        let written = r.as_ref().map_or(0, |r| r.written);
+        if r.is_ok_and(|r| r.written == 0 && r.scanned >= self.pages) {
+            self.nothing_cold
+                .store((now + 1) << 32 | u64::from(age), Relaxed);
+        }
         self.counters().direct_reclaimed.fetch_add(written, Relaxed);
         written
     }
@@ -313,8 +323,14 @@ impl Device {
         stop: Option<&AtomicBool>,
     ) -> Result<Reclaimed, Error> {
         let now = self.now();
+        // Incompressible and huge pages gain nothing in memory and are cold at once, unless
+        // the pass asks for more than the store's reclaim age (a device under back-off, whose
+        // pages come back too often): then they too must be that old.
+        let any_huge = u64::from(age) <= self.store.reclaim_age().as_secs();
         let cold = |e: &Entry| {
-            e.has(IDLE | INCOMPRESSIBLE) || e.state() == State::Huge || aged(e, now, age)
+            e.has(IDLE)
+                || aged(e, now, age)
+                || any_huge && (e.has(INCOMPRESSIBLE) || e.state() == State::Huge)
         };
         let (mut written, mut freed_bytes, mut failed) = (0, 0, None);
         let mut bufs = Bufs::new();

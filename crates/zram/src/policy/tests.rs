@@ -30,6 +30,8 @@ struct Dev {
     reclaim_cursor: usize,
     recompress_cursor: usize,
     fail: bool,
+    /// What the policy last told the device its cold age is.
+    cold_age: Duration,
 }
 
 impl Dev {
@@ -127,6 +129,7 @@ impl Fake {
             promoted: 0,
             reclaim_cursor: 0,
             recompress_cursor: 0,
+            cold_age: Duration::ZERO,
             fail: false,
         });
         s.devs.len() - 1
@@ -208,6 +211,10 @@ impl Target for Fake {
             has_backing: d.has_backing,
             has_secondary: d.has_secondary,
         }
+    }
+
+    fn set_cold_age(&self, &i: &usize, age: Duration) {
+        self.0.borrow_mut().devs[i].cold_age = age;
     }
 
     fn recently_used_pages(&self, &i: &usize, window: Duration) -> u64 {
@@ -688,6 +695,9 @@ fn promotions_above_target_double_the_cold_age_throttle_and_recover() {
     let sa = device_stats(&p, "a");
     assert!(sa.throttled && r.devices[a].throttled);
     assert_eq!(sa.cold_age_secs, 2.0 * idle);
+    // The device hears it too, for the writes that reclaim by themselves.
+    f.dev(a, |d| assert_eq!(d.cold_age.as_secs_f64(), 2.0 * idle));
+    f.dev(b, |d| assert_eq!(d.cold_age.as_secs_f64(), idle));
     assert_eq!(sa.promotion_target_per_min, 2.0);
     assert!(!device_stats(&p, "b").throttled);
     assert_eq!(device_stats(&p, "b").cold_age_secs, idle);
