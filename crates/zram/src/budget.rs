@@ -19,10 +19,12 @@
 //! makes room before it gives up, as the kernel reclaims before failing an allocation:
 //!
 //! 1. at the store's limit, compact if the pool has freeable pages, and retry;
-//! 2. write back a batch of cold pages ([`BATCH`]): at the store's limit from the devices
-//!    furthest above their fair share first, then the writer's own device, then the others;
-//!    at the device's own limit from that device (nothing else lowers its charge); compact,
-//!    and retry;
+//! 2. write back a batch of cold pages ([`BATCH`]), oldest first as far as a clock can tell
+//!    (a device the policy backed off gives pages older than its cold age, then half that,
+//!    and so on, before any page older than the store's reclaim age): at the store's limit
+//!    from the devices furthest above their fair share first, then the writer's own device,
+//!    then the others; at the device's own limit from that device (nothing else lowers its
+//!    charge); compact, and retry;
 //! 3. fail with [`Error::NoSpace`](crate::Error::NoSpace) only when a round moved nothing
 //!    (no cold page left, no backing file, or it is full, or its writeback limit is spent)
 //!    and one more try, for what concurrent reclaimers freed meanwhile, failed too.
@@ -47,6 +49,9 @@ pub(crate) const ONE: u64 = 1 << 16;
 pub(crate) const DEFAULT_RECLAIM_AGE: Duration = Duration::from_secs(120);
 /// Pages direct reclaim writes back before it compacts and retries the allocation.
 pub(crate) const BATCH: u64 = 32;
+/// Rounds of direct reclaim at a device's backed-off cold age, halved each round, before the
+/// store's reclaim age.
+const BACKOFF_ROUNDS: u32 = 4;
 
 /// What the store holds, for splitting it between devices.
 #[derive(Clone, Copy, Debug)]
@@ -252,11 +257,22 @@ impl Device {
             }
         }
         let age = store.reclaim_age.load(Relaxed).min(u32::MAX as u64) as u32;
-        // First pages cold by each device's own (backed-off) age, so that a device whose pages
-        // come back too often keeps them; only then pages cold by the store's age.
-        let mut moved = self.reclaim_round(full, |d| d.cold_age_secs().max(age));
-        if moved == 0 {
-            moved = self.reclaim_round(full, |_| age);
+        // Oldest first, roughly: pages cold by each device's own (backed-off) age, so that a
+        // device whose pages come back too often keeps its recent ones; then by half that age,
+        // and so on; only then pages cold by the store's age. A round that finds nothing costs
+        // a scan once per second and age (`nothing_cold`).
+        let mut moved = 0;
+        for halvings in 0..=BACKOFF_ROUNDS {
+            moved = self.reclaim_round(full, |d| {
+                if halvings < BACKOFF_ROUNDS {
+                    (d.cold_age_secs() >> halvings).max(age)
+                } else {
+                    age
+                }
+            });
+            if moved > 0 {
+                break;
+            }
         }
         if moved == 0 {
             // The cold pages left may be in another writer's hands, being written back to
