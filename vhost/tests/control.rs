@@ -964,6 +964,53 @@ fn the_policy_waits_for_its_fraction_and_can_be_turned_on_and_off() {
     });
 }
 
+/// The policy by itself, end to end: cold pages are recompressed with the secondary
+/// algorithm, and written back while the host reports memory pressure (a PSI file above the
+/// threshold); with no pressure and no limit nothing is written back; the statistics say so.
+#[test]
+fn the_policy_recompresses_cold_pages_and_writes_back_under_pressure() {
+    let mut f = Fixture::unstarted(&[DevSpec {
+        backing: true,
+        ..dev("vz0")
+    }]);
+    fill(f.device(0), 0..1000, PageKind::Heap);
+    let psi = f.dir.0.join("pressure");
+    std::fs::write(&psi, "some avg10=0.00 avg60=0.00 avg300=0.00 total=1\n").unwrap();
+    f.start(
+        |c| {
+            c.policy.config.interval = Duration::from_millis(50);
+            c.policy.config.idle_age = Duration::from_secs(1);
+            c.policy.psi_file = psi.clone();
+        },
+        || {},
+    );
+    let mut c = f.client();
+    wait_for("recompression of cold pages", || {
+        c.call(&Stat {}).unwrap().devices[0].tiering.recompressed > 0
+    });
+    let st = c.call(&Stat {}).unwrap();
+    assert_eq!(st.devices[0].bd_stat.bd_count, 0, "no pressure, no limit");
+    assert_eq!(st.policy.last_psi, Some(0.0));
+    // Pressure: writeback starts, a batch per pass.
+    std::fs::write(&psi, "some avg10=42.50 avg60=10.00 avg300=1.00 total=99\n").unwrap();
+    wait_for("writeback under pressure", || {
+        c.call(&Stat {}).unwrap().devices[0].bd_stat.bd_count > 0
+    });
+    let st = c.call(&Stat {}).unwrap();
+    assert_eq!(st.policy.last_psi, Some(42.5));
+    let p = &st.policy.devices[0];
+    assert!(p.written_back > 0 && p.recompressed > 0, "{p:?}");
+    assert!(st.policy.cpu_secs > 0.0);
+    // An unreadable PSI file: the policy goes on by the watermarks alone.
+    std::fs::write(&psi, "garbage").unwrap();
+    wait_for("the garbled file noticed", || {
+        c.call(&Stat {}).unwrap().policy.last_psi.is_none()
+    });
+    for i in 0..1000 {
+        check_page(f.device(0), i, PageKind::Heap);
+    }
+}
+
 #[test]
 fn policy_settings_are_checked_and_named() {
     let f = Fixture::new(&[dev("vz0")]);
