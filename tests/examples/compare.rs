@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use guest_tests::{Backend, BackendSpec, Guest, GuestResult, GuestSpec, MIB, RunDir};
+use guest_tests::{Backend, BackendSpec, Guest, GuestResult, GuestSpec, MIB, RunDir, parse_mib};
 
 const USAGE: &str = "usage: compare [--rounds N] [--mem MIB] [--cpus N] [--factor F] \
                      [--disk SIZE] [--timeout SECS] [--systems vzram,zram,qsd]";
@@ -123,18 +123,6 @@ fn parse() -> Result<Opts, String> {
         }
     }
     Ok(o)
-}
-
-/// `512M`, `1G`: whole MiB (zram's disksize is given in MiB by /init).
-fn parse_mib(s: &str) -> Result<u64, String> {
-    let (n, mult) = match s.as_bytes().last() {
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 1024),
-        _ => return Err(format!("--disk {s}: give M or G")),
-    };
-    n.parse::<u64>()
-        .map(|n| n * mult * MIB)
-        .map_err(|e| format!("--disk {s}: {e}"))
 }
 
 /// What one run measured. Memory in bytes.

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use guest_tests::{
     Backend, BackendSpec, Guest, GuestEvent, GuestResult, GuestSpec, MIB, Outcome, RunDir, Stat,
-    Together, VzramDevice, parse_info, wait_together,
+    Together, VzramDevice, parse_info, parse_mib, wait_together,
 };
 
 /// Always given to `vzram serve`: lz4 for every page, zstd to recompress idle ones.
@@ -150,18 +150,6 @@ fn parse() -> Result<Opts, String> {
         }
     }
     Ok(o)
-}
-
-/// `512M`, `1G`.
-fn parse_mib(s: &str) -> Result<u64, String> {
-    let (n, mult) = match s.as_bytes().last() {
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 1024),
-        _ => return Err(format!("--disk {s}: give M or G")),
-    };
-    n.parse::<u64>()
-        .map(|n| n * mult * MIB)
-        .map_err(|e| format!("--disk {s}: {e}"))
 }
 
 /// True when `vzram serve --help` mentions `--policy` (the tiering policy is in this build).

@@ -53,6 +53,19 @@ pub use vzram::{Stat, fresh_vzram, request, stat, stat_table};
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
 
+/// A disk size for the examples' `--disk`: `512M`, `1G` (whole MiB: /init gives zram's
+/// disksize in MiB).
+pub fn parse_mib(s: &str) -> Result<u64, String> {
+    let (n, mult) = match s.as_bytes().last() {
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1024),
+        _ => return Err(format!("--disk {s}: give M or G")),
+    };
+    n.parse::<u64>()
+        .map(|n| n * mult * MIB)
+        .map_err(|e| format!("--disk {s}: {e}"))
+}
+
 /// A finished run whose backend is still up, for checks after the guest is gone.
 #[derive(Debug)]
 pub struct Run {

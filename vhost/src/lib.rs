@@ -31,9 +31,10 @@
 //! | per-queue request counters | `counters` ([`RequestCounters`]), shown by `stat` |
 //! | the served device (name, socket, serial) | `device` ([`BlkDevice`]) |
 //! | a control command | [`control::proto`] (one type per command) and [`client`] |
-//! | the `vzram stat` table | `table` |
+//! | the `vzram stat` table, its Prometheus form | `table`, `prometheus` |
+//! | the tiering policy's thread, its settings over the socket | `control/policy.rs`, [`control::PolicyKnobs`]; its decisions: `zram::policy` |
 //! | systemd socket activation and readiness | [`systemd`] |
-//! | storage: pages, compression, limits, idle, recompression, writeback | the `zram` crate |
+//! | storage: pages, compression, limits and budgets, direct reclaim, idle, recompression, writeback | the `zram` crate |
 //!
 //! Public are what `main.rs`, `vzram-bench` and the integration tests drive: the serve
 //! configuration, the client, the control plane, the socket claims, and the device server with

@@ -68,8 +68,14 @@ pub const PROMOTION_WINDOW: Duration = Duration::from_secs(60);
 /// takes about a cold age; short ages, as in benchmarks that compress time, step faster), and
 /// its count of recently used pages (a scan of its slots) is refreshed as often.
 pub const BACKOFF_STEP: Duration = Duration::from_secs(30);
-/// A device that had no more work for an action is left alone by that action this long.
+/// A device that had no more work for an action is left alone by that action this long, or
+/// for a quarter of its cold age if that is shorter (pages turn cold that much sooner).
 pub const REST: Duration = Duration::from_secs(15);
+
+/// How long a device with nothing left to do for an action rests, at cold age `cold_age`.
+fn rest(cold_age: Duration) -> Duration {
+    (cold_age / 4).clamp(Duration::from_secs(1), REST)
+}
 /// Writeback asks a device for at most this many pages at a time (1 MiB of pages), then
 /// re-ranks the devices by how far over their share they are.
 pub const WRITEBACK_BATCH: u64 = 256;
@@ -600,6 +606,11 @@ impl Policy {
         if cfg.recompress && !stop.load(Relaxed) {
             let turn = self.recompress_turn;
             Self::recompress(&cfg, target, &mut live, turn, now, &stop, &mut errors);
+            // Recompression freed objects, not pages: give the pages back before writeback
+            // measures the pool, so that pages shrunk in memory spare pages going to disk.
+            if live.iter().any(|d| d.tick.recompressed > 0) && !stop.load(Relaxed) {
+                report.compacted_pages += Self::compact_if_worth(&cfg, target);
+            }
         }
         self.recompress_turn = self.recompress_turn.wrapping_add(1);
 
@@ -740,12 +751,12 @@ impl Policy {
                     d.tick.recompressed += r.recompressed;
                     d.state.recompressed += r.recompressed;
                     if r.tried < quota && !stop.load(Relaxed) {
-                        d.state.recompress_rest_until = Some(now + REST);
+                        d.state.recompress_rest_until = Some(now + rest(d.state.cold_age));
                     }
                 }
                 Err(e) => {
                     d.state.errors += 1;
-                    d.state.recompress_rest_until = Some(now + REST);
+                    d.state.recompress_rest_until = Some(now + rest(d.state.cold_age));
                     errors.push(format!("{}: recompression: {e}", d.view.name));
                 }
             }
@@ -897,14 +908,14 @@ impl Policy {
                     need = need.map(|n| n.saturating_sub(r.freed_bytes));
                     if r.written < batch {
                         if !stop.load(Relaxed) {
-                            d.state.reclaim_rest_until = Some(now + REST);
+                            d.state.reclaim_rest_until = Some(now + rest(d.state.cold_age));
                         }
                         left.swap_remove(pos);
                     }
                 }
                 Err(e) => {
                     d.state.errors += 1;
-                    d.state.reclaim_rest_until = Some(now + REST);
+                    d.state.reclaim_rest_until = Some(now + rest(d.state.cold_age));
                     errors.push(format!("{}: writeback: {e}", d.view.name));
                     left.swap_remove(pos);
                 }

@@ -80,6 +80,11 @@ struct Sim {
     /// Every this many pages written back leave one sparse (freeable) pool page behind.
     fragment_every: Option<u64>,
     written: u64,
+    /// Recompression leaves what it saves in sparse pool pages (until compacted), as zsmalloc
+    /// does, instead of the pool shrinking at once.
+    recompress_fragments: bool,
+    /// Bytes recompression saved that do not fill a sparse page yet.
+    saved: u64,
 }
 
 #[derive(Debug)]
@@ -98,6 +103,8 @@ impl Fake {
             stop_after: None,
             fragment_every: None,
             written: 0,
+            recompress_fragments: false,
+            saved: 0,
         }))
     }
 
@@ -301,10 +308,26 @@ impl Target for Fake {
                 let ok = p.in_memory && !p.recompressed && (cold || p.huge);
                 if ok {
                     p.recompressed = true;
-                    p.size = p.size * 6 / 10;
+                    let new = p.size * 6 / 10;
+                    let saved = p.size - new;
+                    p.size = new;
+                    return Some(saved);
                 }
-                ok
+                None
             });
+            let tried = match tried {
+                Some(saved) => {
+                    self.set(|s| {
+                        if s.recompress_fragments {
+                            s.saved += saved;
+                            s.fragmented += s.saved / PAGE;
+                            s.saved %= PAGE;
+                        }
+                    });
+                    true
+                }
+                None => false,
+            };
             if tried {
                 r.tried += 1;
                 r.recompressed += 1;
@@ -587,6 +610,29 @@ fn compaction_follows_writeback_that_left_fragments() {
     let r = p.tick(&f, f.now(), None);
     assert!(r.written_back > 0 && r.compacted_pages == 0);
     assert!(!f.calls().contains(&Call::Compact));
+}
+
+/// Cheapest first: what recompression saves is compacted and measured before writeback is
+/// decided, so cold pages shrunk in memory spare pages going to the backing file.
+#[test]
+fn recompression_and_its_compaction_come_before_writeback() {
+    let f = Fake::new();
+    f.add("a", 4000, 0, 1024);
+    let used = f.used();
+    f.set(|s| {
+        s.recompress_fragments = true;
+        // Just above the high watermark.
+        s.limit = used * 100 / 95;
+    });
+    f.advance(Duration::from_secs(3600));
+    let mut p = policy(PolicyConfig {
+        recompress: true,
+        ..cfg()
+    });
+    let r = p.tick(&f, f.now(), None);
+    assert!(r.recompressed > 0 && r.compacted_pages > 0, "{r:?}");
+    assert_eq!(r.written_back, 0, "{r:?}");
+    assert!(!r.triggers.store_watermark);
 }
 
 // ---- recompression ----
