@@ -235,7 +235,8 @@ fn at_the_store_limit_a_device_above_its_share_pays_first() {
 
 /// A device whose cold age the policy raised (its pages come back too often) keeps its pages
 /// while another device has cold ones, even when it is the one above its share; once nothing
-/// else is cold, its pages go rather than a write failing.
+/// is cold by the devices' own ages, pages cold by the store's age go rather than a write
+/// failing.
 #[test]
 fn direct_reclaim_honours_a_backed_off_cold_age_before_it_falls_back() {
     let st = store(16384);
@@ -257,9 +258,11 @@ fn direct_reclaim_honours_a_backed_off_cold_age_before_it_falls_back() {
         b_end += 1;
     }
     assert_eq!(a.stats().bd_stat.bd_count, 0, "A's back-off is honoured");
-    // B keeps writing: its old pages run out (the new ones are young, but for the huge ones),
-    // then A's go.
-    for _ in 0..2 * b_old {
+    // B backs off too: now nothing is cold by either device's own age, and the fallback to
+    // the store's age takes from the device above its share first, A, rather than a write
+    // failing.
+    b.set_cold_age(Duration::from_secs(3600));
+    for _ in 0..b_old {
         b.write_page(b_end, &page(2, b_end), &mut s).unwrap();
         b_end += 1;
     }
