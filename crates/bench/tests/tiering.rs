@@ -34,7 +34,7 @@ fn a_short_run_verifies_samples_and_holds_the_limit() {
         "0.5",
         // No page turns cold in the run: writes at the limit can move only huge pages out.
         "--idle-age",
-        "1h",
+        "60m",
     ])
     .args;
     let report = run(&args).unwrap();
