@@ -33,7 +33,9 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use guest_tests::{Backend, BackendSpec, Guest, GuestResult, GuestSpec, MIB, RunDir, parse_mib};
+use guest_tests::{
+    Backend, BackendSpec, Guest, GuestResult, GuestSpec, MIB, RunDir, median, parse_mib,
+};
 
 const USAGE: &str = "usage: compare [--rounds N] [--mem MIB] [--cpus N] [--factor F] \
                      [--disk SIZE] [--timeout SECS] [--systems vzram,zram,qsd]";
@@ -263,19 +265,6 @@ fn one_run(o: &Opts, sys: System) -> Result<Sample, String> {
         }
     }
     Ok(s)
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 fn mib(b: f64) -> String {

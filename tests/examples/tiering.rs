@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use guest_tests::{
     Backend, BackendSpec, Guest, GuestEvent, GuestResult, GuestSpec, MIB, Outcome, RunDir, Stat,
-    Together, VzramDevice, parse_info, parse_mib, wait_together,
+    Together, VzramDevice, median, parse_info, parse_mib, wait_together,
 };
 
 /// Always given to `vzram serve`: lz4 for every page, zstd to recompress idle ones.
@@ -267,19 +267,6 @@ impl Watch {
             self.bad += b;
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 fn secs(ms: Option<f64>) -> String {

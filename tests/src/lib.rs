@@ -53,6 +53,20 @@ pub use vzram::{Stat, fresh_vzram, request, stat, stat_table};
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
 
+/// The median of `v` (the mean of the middle two for an even count); `None` when empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
 /// A disk size for the examples' `--disk`: `512M`, `1G` (whole MiB: /init gives zram's
 /// disksize in MiB).
 pub fn parse_mib(s: &str) -> Result<u64, String> {
