@@ -221,18 +221,10 @@ fn one_run(o: &Opts, sys: System) -> Result<Sample, String> {
         })
         .map_err(|e| format!("{:?}: {}", e.kind, e.message))?;
     if out.result != GuestResult::Pass {
-        let tail: Vec<&str> = out
-            .serial
-            .iter()
-            .rev()
-            .take(8)
-            .rev()
-            .map(String::as_str)
-            .collect();
         return Err(format!(
             "{:?}; last lines: {}",
             out.result,
-            tail.join(" | ")
+            out.last_lines(8)
         ));
     }
     let i = &out.info;

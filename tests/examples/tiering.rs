@@ -5,7 +5,7 @@
 //! ```text
 //! tiering [--active-mem MIB] [--idle-mem MIB] [--active-factor F] [--idle-factor F]
 //!         [--hold SECS] [--alone-rounds N] [--disk SIZE] [--every SECS] [--timeout SECS]
-//!         [--vzram-args "ARGS"] [--expect-policy] [--manual-tiering]
+//!         [--vzram-args "ARGS"] [--expect-policy]
 //! ```
 //!
 //! One `vzram serve` with two devices, `active` and `idle`, each with a backing file in the
@@ -31,17 +31,12 @@
 //!
 //! Exit status 0 when every guest passed with 0 bad pages; with `--expect-policy` also only
 //! if the idle device's compressed size fell and pages reached its backing file during the
-//! hold. A vzram without `--policy` in `vzram serve --help` (before the policy lands) runs
-//! without [`POLICY_ARGS`], saying so; its policy figures are then zero. `--vzram-args` is
-//! always passed as given. `ci/bench-tiering-guests` builds what this needs and runs it.
-//!
-//! `--manual-tiering` (a check of the measurement, not of the policy): the example itself
-//! does what the policy should, with today's one-shot control commands on the idle device: a
-//! third into the hold `idle` (all pages) + `recompress --type idle`, two thirds into it
-//! `idle` + `writeback --type idle`. The output says so.
+//! hold. `--vzram-args` replaces [`POLICY_ARGS`] as given (`--vzram-args "--policy off"`
+//! for a run without the policy). `ci/bench-tiering-guests` builds what this needs and runs
+//! it.
 
 use std::collections::BTreeMap;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use guest_tests::{
@@ -79,8 +74,7 @@ const IDLE: &str = "idle";
 
 const USAGE: &str = "usage: tiering [--active-mem MIB] [--idle-mem MIB] [--active-factor F] \
                      [--idle-factor F] [--hold SECS] [--alone-rounds N] [--disk SIZE] \
-                     [--every SECS] [--timeout SECS] [--vzram-args \"ARGS\"] [--expect-policy] \
-                     [--manual-tiering]";
+                     [--every SECS] [--timeout SECS] [--vzram-args \"ARGS\"] [--expect-policy]";
 
 struct Opts {
     active_mem: u32,
@@ -94,7 +88,6 @@ struct Opts {
     timeout: u64,
     vzram_args: Option<Vec<String>>,
     expect_policy: bool,
-    manual: bool,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -110,7 +103,6 @@ fn parse() -> Result<Opts, String> {
         timeout: 600,
         vzram_args: None,
         expect_policy: false,
-        manual: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -118,10 +110,6 @@ fn parse() -> Result<Opts, String> {
             "-h" | "--help" => return Err(USAGE.into()),
             "--expect-policy" => {
                 o.expect_policy = true;
-                continue;
-            }
-            "--manual-tiering" => {
-                o.manual = true;
                 continue;
             }
             _ => {}
@@ -150,25 +138,6 @@ fn parse() -> Result<Opts, String> {
         }
     }
     Ok(o)
-}
-
-/// True when `vzram serve --help` mentions `--policy` (the tiering policy is in this build).
-fn daemon_has_policy(bin: &std::path::Path) -> Result<bool, String> {
-    let out = Command::new("timeout")
-        .arg("20")
-        .arg(bin)
-        .args(["serve", "--help"])
-        .output()
-        .map_err(|e| format!("{} serve --help: {e}", bin.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} serve --help failed ({}): {}",
-            bin.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).contains("--policy"))
 }
 
 /// One device's figures in one `vzram stat`.
@@ -279,17 +248,7 @@ fn verdict(out: &Result<Outcome, String>, watch: &Watch) -> Result<(), String> {
     match &out.result {
         GuestResult::Pass if watch.bad == 0 => Ok(()),
         GuestResult::Pass => Err(format!("{} bad pages", watch.bad)),
-        GuestResult::Fail(why) => {
-            let tail: Vec<&str> = out
-                .serial
-                .iter()
-                .rev()
-                .take(8)
-                .rev()
-                .map(String::as_str)
-                .collect();
-            Err(format!("FAIL {why}; last lines: {}", tail.join(" | ")))
-        }
+        GuestResult::Fail(why) => Err(format!("FAIL {why}; last lines: {}", out.last_lines(8))),
     }
 }
 
@@ -414,15 +373,6 @@ fn run_together(o: &Opts, args: &[String]) -> Result<Both, String> {
     let mut active_watch = Watch::default();
     let mut idle_watch = Watch::default();
     let mut errors = Vec::new();
-    let mut manual_step = 0;
-    let manual = |what: &str, cmds: &[&str]| {
-        for c in cmds {
-            match backend.control_request(c) {
-                Ok(r) => println!("manual tiering ({what}): {c} -> {r}"),
-                Err(e) => println!("manual tiering ({what}): {c} failed: {e}"),
-            }
-        }
-    };
     let mut take = |t: Duration, phase: &str, samples: &mut Vec<Sample>| match sample(&backend, t) {
         Ok(s) => {
             println!(
@@ -451,28 +401,6 @@ fn run_together(o: &Opts, args: &[String]) -> Result<Both, String> {
                 _ => idle_phase.to_string(),
             };
             take(elapsed, &phase, &mut samples);
-            if let (true, Some(h)) = (o.manual, hold_start) {
-                let into = elapsed.saturating_sub(h);
-                if manual_step == 0 && into >= Duration::from_secs(o.hold / 3) {
-                    manual_step = 1;
-                    manual(
-                        "standing in for the policy's recompression",
-                        &[
-                            r#"{"cmd":"idle","device":"idle"}"#,
-                            r#"{"cmd":"recompress","device":"idle","type":"idle"}"#,
-                        ],
-                    );
-                } else if manual_step == 1 && into >= Duration::from_secs(o.hold * 2 / 3) {
-                    manual_step = 2;
-                    manual(
-                        "standing in for the policy's writeback",
-                        &[
-                            r#"{"cmd":"idle","device":"idle"}"#,
-                            r#"{"cmd":"writeback","device":"idle","type":"idle"}"#,
-                        ],
-                    );
-                }
-            }
         }
         GuestEvent::Line {
             guest, at, line, ..
@@ -544,27 +472,16 @@ fn run(o: &Opts) -> Result<bool, String> {
         .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
     let bin = guest_tests::fresh_vzram()?;
     let mut args: Vec<String> = BASE_ARGS.iter().map(|s| s.to_string()).collect();
-    let mut policy = match &o.vzram_args {
+    let policy = match &o.vzram_args {
         Some(a) => {
             args.extend(a.iter().cloned());
             format!("--vzram-args as given: {a:?}")
         }
-        None if daemon_has_policy(&bin)? => {
+        None => {
             args.extend(POLICY_ARGS.iter().map(|s| s.to_string()));
             format!("the policy's arguments {POLICY_ARGS:?}")
         }
-        None => "NO POLICY: this vzram has no --policy (`vzram serve --help`), so the \
-                 policy's arguments were left out; recompression and writeback of idle \
-                 pages cannot happen and their figures stay 0"
-            .to_string(),
     };
-    if o.manual {
-        policy.push_str(
-            "; --manual-tiering: the example itself marks the idle device's pages idle, \
-             recompresses them (a third into the hold) and writes them back (two thirds into \
-             it) with one-shot control commands, standing in for the policy",
-        );
-    }
     println!(
         "tiering: one vzram ({}), devices `{ACTIVE}` and `{IDLE}` ({} MiB each, backing files); \
          extra arguments: {policy}",

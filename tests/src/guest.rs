@@ -220,6 +220,12 @@ impl Outcome {
         used
     }
 
+    /// The last `n` serial lines, joined with ` | `: what a failure message shows.
+    pub fn last_lines(&self, n: usize) -> String {
+        let from = self.serial.len().saturating_sub(n);
+        self.serial[from..].join(" | ")
+    }
+
     /// One line for the test log: result and times.
     pub fn summary(&self) -> String {
         let result = match &self.result {

@@ -326,7 +326,7 @@ pub fn render(stat: &StatReply) -> String {
             "vzram_policy_enabled",
             Kind::Gauge,
             "1 while the tiering policy runs.",
-            f64::from(u8::from(p.enabled)),
+            f64::from(u8::from(p.config.enabled)),
         ),
         (
             "vzram_policy_passes_total",
@@ -412,7 +412,6 @@ mod tests {
                 pool: Default::default(),
             },
             policy: zram::policy::PolicyStats {
-                enabled: true,
                 cpu_secs: 0.25,
                 last_psi: Some(1.5),
                 devices: vec![zram::policy::DevicePolicyStats {

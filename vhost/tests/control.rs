@@ -945,7 +945,7 @@ fn the_policy_waits_for_its_fraction_and_can_be_turned_on_and_off() {
         })
         .unwrap();
     assert!(
-        !off.enabled && off.config.compact_fraction == 0.0,
+        !off.config.enabled && off.config.compact_fraction == 0.0,
         "{off:?}"
     );
     std::thread::sleep(Duration::from_millis(100));

@@ -37,7 +37,7 @@
 //! the device's clock (each claims its own run of slots from the cursor).
 
 use crate::device::Device;
-use crate::{PAGE_SIZE, Store};
+use crate::{Error, PAGE_SIZE, Store};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -244,16 +244,17 @@ impl Device {
     }
 
     /// Makes room for a write that found `full`; see the module doc. No slot lock may be held
-    /// by the caller. Returns whether anything was freed (then the caller retries).
+    /// by the caller. `Ok` when something was freed (the caller retries), else
+    /// [`Error::NoSpace`](crate::Error::NoSpace), counted in `direct_reclaim_failed`.
     #[cold]
-    pub(crate) fn direct_reclaim(&self, full: Full, attempt: &mut Attempt) -> bool {
+    pub(crate) fn direct_reclaim(&self, full: Full, attempt: &mut Attempt) -> Result<(), Error> {
         preempt::might_sleep();
         let store = self.store();
         if full == Full::Store && !attempt.compacted {
             // Once per write: what compaction frees, another writer may take first.
             attempt.compacted = true;
             if store.freeable_pages() > 0 && store.compact() > 0 {
-                return true;
+                return Ok(());
             }
         }
         let age = store.reclaim_age.load(Relaxed).min(u32::MAX as u64) as u32;
@@ -277,10 +278,14 @@ impl Device {
         if moved == 0 {
             // The cold pages left may be in another writer's hands, being written back to
             // make room: retry the allocation once before giving up.
-            return !std::mem::replace(&mut attempt.retried, true);
+            if std::mem::replace(&mut attempt.retried, true) {
+                self.counters().direct_reclaim_failed.fetch_add(1, Relaxed);
+                return Err(Error::NoSpace);
+            }
+            return Ok(());
         }
         store.compact();
         store.refresh_charge();
-        true
+        Ok(())
     }
 }

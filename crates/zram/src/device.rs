@@ -181,7 +181,7 @@ impl Device {
         dev
     }
 
-    fn counters(&self) -> &Counters {
+    pub(crate) fn counters(&self) -> &Counters {
         self.counters.get(0)
     }
 
@@ -297,16 +297,6 @@ impl Device {
         };
         self.store.pool().write(h, bytes);
         Ok(Ok(Entry::new(state, h.raw() as u64, bytes.len(), 0)))
-    }
-
-    /// Direct reclaim for a write that found `full` (no slot lock held); `Err(NoSpace)` when
-    /// nothing could be freed.
-    fn make_room(&self, full: Full, attempt: &mut Attempt) -> Result<(), Error> {
-        if self.direct_reclaim(full, attempt) {
-            return Ok(());
-        }
-        self.counters().direct_reclaim_failed.fetch_add(1, Relaxed);
-        Err(Error::NoSpace)
     }
 
     fn handle(e: &Entry) -> Handle {
@@ -465,7 +455,7 @@ impl Device {
         let new = loop {
             match self.place(&enc, || slot.peek())? {
                 Ok(new) => break new,
-                Err(full) => self.make_room(full, &mut attempt)?,
+                Err(full) => self.direct_reclaim(full, &mut attempt)?,
             }
         };
         self.install(slot.lock(), new);
@@ -611,7 +601,7 @@ impl Device {
                     // Reclaim holds no slot lock of ours: unlock, and start the
                     // read-modify-write over (the page may have changed meanwhile).
                     drop(g);
-                    self.make_room(full, &mut attempt)?;
+                    self.direct_reclaim(full, &mut attempt)?;
                 }
             }
         }

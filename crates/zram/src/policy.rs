@@ -47,8 +47,8 @@
 mod cputime;
 mod psi;
 
-pub use cputime::thread_cpu_time;
-pub use psi::{DEFAULT_PSI_PATH, parse_some_avg10, read_psi};
+use cputime::thread_cpu_time;
+pub use psi::{DEFAULT_PSI_PATH, read_psi};
 
 use crate::{Reclaimed, RecompressResult};
 use serde::{Deserialize, Serialize};
@@ -367,7 +367,6 @@ pub struct DevicePolicyStats {
 /// What the policy has done since it was made.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct PolicyStats {
-    pub enabled: bool,
     /// Ticks that ran.
     pub ticks: u64,
     /// CPU time the ticks took (the calling thread's CPU clock).
@@ -545,7 +544,6 @@ impl Policy {
     /// What the policy has done so far.
     pub fn stats(&self) -> PolicyStats {
         PolicyStats {
-            enabled: self.cfg.enabled,
             ticks: self.ticks,
             cpu_secs: self.cpu.as_secs_f64(),
             wall_secs: self.wall.as_secs_f64(),

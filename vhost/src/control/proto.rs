@@ -720,7 +720,6 @@ impl Command for Policy {
         let mut stats = ctx.policy.stats();
         // The thread publishes once it has taken a change; answer with what is in force now.
         stats.config = ctx.policy.config();
-        stats.enabled = stats.config.enabled;
         Ok(stats)
     }
 }
@@ -799,7 +798,7 @@ mod tests {
                 r#""pages_compacted":0,"freeable_pages":0,"#,
                 r#""pool":{"pages_used":0,"pages_compacted":0,"page_limit":0,"capacity_pages":0,"#,
                 r#""objects":0,"metadata_bytes":0}},"#,
-                r#""policy":{"enabled":false,"ticks":0,"cpu_secs":0.0,"wall_secs":0.0,"#,
+                r#""policy":{"ticks":0,"cpu_secs":0.0,"wall_secs":0.0,"#,
                 r#""last_psi":null,"compacted_pages":0,"reclaiming":false,"errors":0,"#,
                 r#""last_error":null,"devices":[],"config":{"enabled":true,"interval_secs":1.0,"#,
                 r#""compact_fraction":0.05,"idle_age_secs":120.0,"recompress":true,"#,
